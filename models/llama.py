@@ -1,0 +1,134 @@
+"""LLaMA decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) with Hugging Face module names.
+
+The layers do not own their attention: each takes an `attend(layer_idx, q, k, v)` callable, so the
+same weights run the dense reference below and the engine's paged, pruned attention.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+# attend(layer_idx, q [..., H, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., H, D]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference, then cast back before the weight.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the frequencies on the CPU in fp32, as the reference does, then move them."""
+        d, device = self.cfg.head_dim, self.inv_freq.device
+        if device.type == "meta":
+            return
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.inv_freq = (inv_freq / self.cfg.rope_scaling_factor).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [*positions.shape, head_dim], computed in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [..., heads, head_dim] with cos/sin [..., head_dim]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=b)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(*lead, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path."""
+        def attend(_: int, q, k, v):
+            rep = q.shape[-2] // k.shape[-2]
+            q, k, v = (t.transpose(-3, -2) for t in (q, k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
+
+        cos, sin = self.model.rotary_emb(positions, embeds.dtype)
+        h = embeds
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attend)
+        return self.lm_head(self.model.norm(h))
