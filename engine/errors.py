@@ -1,0 +1,9 @@
+"""The engine's exception family: every bad request is a ValueError naming what is wrong."""
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class RequestError(EngineError, ValueError):
+    """A request the engine cannot serve: bad prompt, image, parameters or size."""

@@ -1,0 +1,297 @@
+"""LLM: the public engine. add_request / step / generate / stream / abort / kv_stats."""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from cache.block_pool import BlockPool
+from cache.layered import LayeredKVCache
+from models.config import load_config
+from models.image import load_preprocessor_config
+from models.loader import load_model
+from models.tokenizer import Tokenizer
+from scheduler.policy import Full, make_policy
+from scheduler.scheduler import Scheduler
+
+from .config import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, EngineConfig
+from .errors import EngineError, RequestError
+from .model_runner import ModelRunner
+from .processor import InputProcessor
+from .sampling import SamplingBatch, SamplingParams, sample
+from .sequence import Sequence, Status
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far (or in full once `finished`)."""
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+    stats: dict = field(default_factory=dict)
+    delta: str = ""            # text added since the previous output of this request (streaming)
+    error: str | None = None   # set when finish_reason == "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLM:
+    """A LLaVA model served with continuous batching over a layer-aware paged KV cache."""
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
+                 policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
+                 max_model_len: int | None = None, enforce_eager: bool = False):
+        self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   max_model_len=max_model_len, enforce_eager=enforce_eager)
+        if model is None:
+            from .default_model import default_model_dir
+            model = default_model_dir()
+        self.model_dir = Path(model)
+        self.model_config = load_config(self.model_dir)
+        text = self.model_config.text
+        self.policy = make_policy(policy, **(policy_params or {}))
+        self.policy.validate(text.num_hidden_layers)
+        self.max_model_len = min(max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        pad = self.model_config.image_aspect_ratio == "pad"
+        pre_dir = self.model_dir if (self.model_dir / "preprocessor_config.json").exists() \
+            else Path(self.model_config.vision_tower_path or self.model_dir)
+        image_cfg = load_preprocessor_config(pre_dir, self.model_config.vision.image_size, pad=pad)
+        self.processor = InputProcessor(self.model_config, self.tokenizer, image_cfg, self.max_model_len)
+        dev = self.config.torch_device
+        self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
+        pool = BlockPool(self._num_blocks(), block_size, text.num_key_value_heads, text.head_dim,
+                         self.config.torch_dtype, dev)
+        self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
+        self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
+                                   max(max_num_batched_tokens, self.max_model_len))
+        self.runner = ModelRunner(self.model, self.cache, self.policy, dev)
+        self.eos_ids = frozenset(text.eos_token_id) | ({self.tokenizer.eos_token_id} - {None})
+        self._seqs: dict[str, Sequence] = {}
+        self._decoders: dict[str, object] = {}
+        self._sent: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(0)
+
+    def _num_blocks(self) -> int:
+        c, t = self.config, self.model_config.text
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        per_block = BlockPool.bytes_per_block(c.block_size, t.num_key_value_heads, t.head_dim, c.torch_dtype)
+        cap = c.max_num_seqs * t.num_hidden_layers * -(-self.max_model_len // c.block_size)
+        if c.torch_device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(c.torch_device)
+            budget = int(free * GPU_MEMORY_UTILIZATION) - (1 << 30)  # leave room for activations
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        return max(1, min(cap, budget // per_block))
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request: dict | str, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request; returns its id. Bad requests raise RequestError."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._seqs:
+            raise RequestError(f"request id {rid!r} is already in use")
+        p = self.processor.process(request)
+        seq = Sequence(rid, p.prompt_ids, p.pixel_values, params,
+                       seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
+                       eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
+        need, total = self.scheduler.prefill_blocks(seq), self.cache.pool.num_blocks
+        if need > total:
+            raise RequestError(f"request needs {need} KV blocks for its prompt, the pool has only {total} "
+                               "(raise num_kv_blocks or use a pruning policy)")
+        self._seqs[rid] = seq
+        self._decoders[rid] = self.tokenizer.stream_decoder()
+        self._sent[rid] = 0
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
+        seq = self._seqs.get(str(request_id))
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+            seq.finish_time = time.perf_counter()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Evict (VTA), schedule, run one forward, sample, postprocess. Returns updated requests."""
+        self.scheduler.evict_visual()
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits, scores = (self.runner.prefill if is_prefill else self.runner.decode)(seqs)
+        tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
+        tokens_l = tokens.tolist()
+        want_lp = [s for s in seqs if s.params.logprobs is not None and not s.replaying]
+        top = None
+        if want_lp:
+            k = max(s.params.logprobs for s in want_lp)
+            top = torch.topk(logprobs, k) if k > 0 else None
+        now = time.perf_counter()
+        outputs = []
+        for b, seq in enumerate(seqs):
+            seq.scores = scores[b]
+            seq.kv_peak_blocks = max(seq.kv_peak_blocks, self.cache.blocks_held(seq.seat))
+            if seq.replaying:  # recompute after preemption: keep the recorded token
+                seq.cursor += 1
+                continue
+            tok = tokens_l[b]
+            seq.output_ids.append(tok)
+            seq.cursor += 1
+            seq.token_times.append(now)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.logprobs is not None:
+                entry = {tok: float(logprobs[b, tok])}
+                if top is not None:
+                    for v, i in zip(top.values[b, :seq.params.logprobs].tolist(),
+                                    top.indices[b, :seq.params.logprobs].tolist()):
+                        entry[i] = v
+                seq.logprobs.append(entry)
+            self._check_stop(seq, tok)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        dev = self.config.torch_device
+        col = lambda f, dt=torch.float32: torch.tensor([f(s.params) for s in seqs], dtype=dt, device=dev)  # noqa
+        seen = None
+        if any(s.params.repetition_penalty != 1.0 for s in seqs):
+            seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
+            for b, s in enumerate(seqs):
+                ids = [t for t in s.prompt_ids + s.output_ids[:s.cursor] if 0 <= t < vocab]
+                seen[b, ids] = True
+        return SamplingBatch(col(lambda p: p.temperature), col(lambda p: p.top_p),
+                             col(lambda p: p.top_k, torch.int64), col(lambda p: p.min_p),
+                             col(lambda p: p.repetition_penalty),
+                             torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                             torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen)
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        delta = self._decoders[seq.request_id].feed(tok)
+        seq.text += delta
+        reason, hits_stop_string = None, False
+        if tok in seq.eos_ids or tok in seq.params.stop_token_ids:
+            reason = "stop"
+        elif seq.params.stop:
+            # Only the tail can hold a new match: the longest stop string plus this step's text.
+            tail_from = max(0, len(seq.text) - len(delta) - max(map(len, seq.params.stop)))
+            hits = [i for i in (seq.text.find(s, tail_from) for s in seq.params.stop) if i >= 0]
+            if hits:
+                seq.text, reason, hits_stop_string = seq.text[:min(hits)], "stop", True
+        if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
+                               or seq.prompt_len + len(seq.output_ids) >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return
+        if not hits_stop_string:
+            seq.text += self._decoders[seq.request_id].flush()
+        self.scheduler.finish(seq, reason)
+        seq.finish_time = time.perf_counter()
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        sent, visible = self._sent[seq.request_id], len(seq.text)
+        if not seq.is_finished and seq.params.stop:
+            # Hold back what could still turn out to be the start of a stop string.
+            visible = max(sent, visible - max(map(len, seq.params.stop)) + 1)
+        self._sent[seq.request_id] = visible
+        return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason,
+                             list(seq.logprobs) if seq.params.logprobs is not None else None,
+                             self._stats(seq), delta=seq.text[sent:visible])
+
+    def _stats(self, seq: Sequence) -> dict:
+        end = seq.finish_time or time.perf_counter()
+        gaps = [b - a for a, b in zip(seq.token_times, seq.token_times[1:])]
+        return {
+            "prompt_tokens": seq.prompt_len, "visual_tokens": seq.num_visual,
+            "text_prompt_tokens": seq.prompt_len - seq.num_visual, "generated_tokens": len(seq.output_ids),
+            "ttft_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            "e2e_s": end - seq.arrival_time, "tpot_s": sum(gaps) / len(gaps) if gaps else None, "itl_s": gaps,
+            "kv_peak_blocks": seq.kv_peak_blocks,
+            "kv_blocks_final": seq.kv_blocks_final if seq.is_finished else self.cache.blocks_held(seq.seat)
+            if seq.seat is not None else 0,
+            "visual_tokens_per_layer": list(seq.visual_per_layer), "preemptions": seq.num_preemptions,
+            "policy": self.policy.name,
+        }
+
+    # ---- convenience ------------------------------------------------------------------------
+    def generate(self, requests: dict | list, params: SamplingParams | list | None = None) -> list[RequestOutput]:
+        """Run requests to completion; outputs in submission order.
+
+        A single request that is bad raises RequestError. In a list, a bad request gets an output with
+        finish_reason "error" (and `.error`) while the others run normally.
+        """
+        single = not isinstance(requests, list)
+        reqs = [requests] if single else requests
+        if isinstance(params, list):
+            if len(params) != len(reqs):
+                raise RequestError(f"{len(reqs)} requests but {len(params)} SamplingParams")
+            plist = params
+        else:
+            plist = [params] * len(reqs)
+        ids, errors = [], {}
+        for r, p in zip(reqs, plist):
+            try:
+                ids.append(self.add_request(r, p))
+            except RequestError as e:
+                if single:
+                    raise
+                rid = f"error-{next(self._ids)}"
+                ids.append(rid)
+                errors[rid] = str(e)
+        pending = {i for i in ids if i not in errors}
+        while pending:
+            self.step()
+            pending = {i for i in pending if not self._seqs[i].is_finished}
+        return [RequestOutput(i, "", [], "error", error=errors[i]) if i in errors else self._pop(i) for i in ids]
+
+    def stream(self, request: dict | str, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield outputs for one request as its text grows (deltas never split a character)."""
+        rid = self.add_request(request, params)
+        try:
+            while not self._seqs[rid].is_finished:
+                for out in self.step():
+                    if out.request_id == rid and (out.delta or out.finished):
+                        yield out
+            # Finished by abort or by another request's step.
+        finally:
+            if not self._seqs[rid].is_finished:
+                self.abort(rid)
+            self._pop(rid)
+
+    def _pop(self, rid: str) -> RequestOutput:
+        seq = self._seqs[rid]
+        out = RequestOutput(rid, seq.text, list(seq.output_ids), seq.finish_reason,
+                            list(seq.logprobs) if seq.params.logprobs is not None else None, self._stats(seq))
+        del self._seqs[rid], self._decoders[rid], self._sent[rid]
+        return out
+
+    def kv_stats(self) -> dict:
+        """Pool occupancy in blocks (a block = block_size tokens of one layer)."""
+        pool = self.cache.pool
+        return {"block_size": pool.block_size, "total_blocks": pool.num_blocks, "free_blocks": pool.num_free,
+                "used_blocks": pool.num_used, "peak_used_blocks": pool.peak_used,
+                "bytes_per_block": BlockPool.bytes_per_block(pool.block_size, pool.k.shape[1], pool.k.shape[2],
+                                                             pool.k.dtype)}
+
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "EngineError", "RequestError", "Status"]

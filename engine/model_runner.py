@@ -1,0 +1,136 @@
+"""Runs the model over the layered paged cache: batched prefill with PVTP pruning, batched decode."""
+from __future__ import annotations
+
+import torch
+
+from cache.layered import LayeredKVCache
+from models.llava import LlavaForConditionalGeneration
+from scheduler.policy import Full, keep_top
+
+from .attention import decode_attention, gather_kv, prefill_attention
+from .sequence import Sequence
+
+
+def visual_index(prompt_ids: list[int], image_token: int) -> torch.Tensor:
+    """Per prompt position: the index of its visual token (0..N0-1), or -1 for text."""
+    ids = torch.tensor(prompt_ids)
+    is_vis = ids == image_token
+    return torch.where(is_vis, is_vis.long().cumsum(0) - 1, torch.full_like(ids, -1))
+
+
+class ModelRunner:
+    def __init__(self, model: LlavaForConditionalGeneration, cache: LayeredKVCache, policy: Full,
+                 device: torch.device):
+        self.model, self.cache, self.policy, self.device = model, cache, policy, device
+        self.cfg = model.config
+        self.num_layers = self.cfg.text.num_hidden_layers
+        self.layers = model.language_model.model.layers
+        self.lm = model.language_model
+        self.pool = cache.pool
+
+    # ---- prefill ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Run whole prompts (their seats already hold blocks for every layer's kept entries).
+
+        Returns last-row logits [B, vocab] and, per sequence, its score rows [num score layers, N0].
+        """
+        dev, L, policy = self.device, self.num_layers, self.policy
+        images = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        feats = self.model.encode_images(torch.cat(images).to(dev)) if images else None
+        embeds, seq_of_row, pos, vis, offset = [], [], [], [], 0
+        for b, s in enumerate(seqs):
+            ids = torch.tensor(s.prompt_ids, device=dev)
+            n_img = 0 if s.pixel_values is None else s.pixel_values.shape[0]
+            embeds.append(self.model.embed(ids, feats[offset:offset + n_img] if n_img else None))
+            offset += n_img
+            seq_of_row.append(torch.full((len(ids),), b, device=dev))
+            pos.append(torch.arange(len(ids), device=dev))
+            vis.append(visual_index(s.prompt_ids, self.cfg.image_token_index).to(dev))
+        h, seq_of_row, pos, vis = (torch.cat(x) for x in (embeds, seq_of_row, pos, vis))
+        events = set(policy.event_layers(L))
+        score_layers = policy.score_layers(L, decode=False)
+        budgets = [policy.budgets(s.num_visual, L) for s in seqs]
+        n0_max = max(s.num_visual for s in seqs)
+        scores = torch.zeros(len(seqs), len(score_layers), n0_max + 1, device=dev)  # col n0_max: text sink
+        last_scores: list[torch.Tensor] | None = None
+
+        for layer_idx, layer in enumerate(self.layers):
+            if layer_idx in events and last_scores is not None:
+                keep = torch.ones_like(vis, dtype=torch.bool)
+                for b in range(len(seqs)):
+                    rows = ((seq_of_row == b) & (vis >= 0)).nonzero().squeeze(1)
+                    if rows.numel() > budgets[b][layer_idx]:
+                        # last_scores[b] covers this sequence's rows as they were at the layer below.
+                        row_scores = last_scores[b][vis[seq_of_row == b] >= 0]
+                        keep[rows] = keep_top(row_scores, budgets[b][layer_idx])
+                h, seq_of_row, pos, vis = h[keep], seq_of_row[keep], pos[keep], vis[keep]
+            seq_lens = torch.bincount(seq_of_row, minlength=len(seqs)).tolist()
+            slots = torch.cat([self.cache.slots(s.seat, layer_idx, n) for s, n in zip(seqs, seq_lens)]).to(dev)
+            want = (layer_idx + 1) in events
+            captured: list = []
+
+            def attend(_, q, k, v, slots=slots, seq_lens=seq_lens, want=want, captured=captured):
+                self.pool.k[slots], self.pool.v[slots] = k, v
+                self.pool.visual_index[slots] = vis.to(torch.int32)
+                out, sc = prefill_attention(q, k, v, seq_lens, want)
+                captured.append(sc)
+                return out
+
+            cos, sin = self.lm.model.rotary_emb(pos, h.dtype)
+            h = layer(h, cos, sin, attend)
+            last_scores = captured[0]
+            if want:
+                k_idx = score_layers.index(layer_idx)
+                for b, row in enumerate(last_scores):
+                    v_b = vis[seq_of_row == b]
+                    scores[b, k_idx].index_copy_(0, torch.where(v_b >= 0, v_b, n0_max), row.to(scores.dtype))
+        for b, s in enumerate(seqs):
+            s.visual_per_layer = [min(g, s.num_visual) for g in budgets[b]]
+        last = torch.cumsum(torch.bincount(seq_of_row, minlength=len(seqs)), 0) - 1
+        logits = self.lm.lm_head(self.lm.model.norm(h[last]))
+        return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]
+
+    # ---- decode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One token for every sequence; returns logits [B, vocab] and per-sequence score rows."""
+        dev = self.device
+        seats = torch.tensor([s.seat for s in seqs])
+        slot_mapping = self.cache.append_slots(seats).T.contiguous()          # [L, B]
+        lens = self.cache.lens[seats]                                          # [B, L]
+        width = -(-int(lens.max()) // self.cache.block_size)
+        tables = self.cache.tables[seats][:, :, :width]
+        tokens, positions = zip(*(s.next_input() for s in seqs))
+        score_layers = self.policy.score_layers(self.num_layers, decode=True)
+        n0_max = max(s.num_visual for s in seqs)
+        logits, scores = self.decode_forward(
+            torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), slot_mapping.to(dev),
+            tables.to(dev), lens.to(dev), score_layers, n0_max)
+        return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]
+
+    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: list[int],
+                       n0_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step proper: tensors in, tensors out, no host synchronisation."""
+        pool, bs = self.pool, self.cache.block_size
+        h = self.lm.model.embed_tokens(input_ids)
+        cos, sin = self.lm.model.rotary_emb(positions, h.dtype)
+        scores = torch.zeros(input_ids.shape[0], len(score_layers), n0_max + 1, device=h.device)
+        for layer_idx, layer in enumerate(self.layers):
+            def attend(l, q, k, v):
+                slots = slot_mapping[l]
+                pool.k[slots], pool.v[slots] = k, v
+                pool.visual_index[slots] = -1
+                k_all = gather_kv(pool.k, block_tables[:, l], bs)
+                v_all = gather_kv(pool.v, block_tables[:, l], bs)
+                want = l in score_layers
+                out, sc = decode_attention(q, k_all, v_all, context_lens[:, l], want)
+                if want:
+                    vis = gather_kv(pool.visual_index[:, None, None], block_tables[:, l], bs)[:, 0, :, 0]
+                    valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < context_lens[:, l, None]
+                    idx = torch.where(valid & (vis >= 0), vis.long(), n0_max)  # padding may hold stale ids
+                    scores[:, score_layers.index(l)].scatter_(1, idx, sc)
+                return out
+            h = layer(h, cos, sin, attend)
+        return self.lm.lm_head(self.lm.model.norm(h)), scores

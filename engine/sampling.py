@@ -1,0 +1,118 @@
+"""SamplingParams (validated at construction) and the batched sampler.
+
+Sampling is reproducible per request whatever else is in the batch: the noise for a request's k-th
+token is a counter-based hash of (seed, k, token id), computed for the whole batch in one go, so
+neither batch composition nor preemption-and-replay changes what a seeded request draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 is greedy."""
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        def num(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ValueError(f"SamplingParams.{name} must be a number, got {v!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            num(name, getattr(self, name))
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0 or self.temperature == float("inf"):
+            raise ValueError(f"SamplingParams.temperature must be >= 0 and finite, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or self.logprobs < 0):
+            raise ValueError(f"SamplingParams.logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32) on int64 tensors; every step stays below 2**63."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] uniforms in (0, 1) that depend only on (seed, step, token id)."""
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _hash32(seeds[:, None] * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1))
+    h = _hash32(h ^ _hash32(tok[None, :] + 0x27D4EB2F))
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, so the sampler never loops over requests."""
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    seen: torch.Tensor | None  # [B, vocab] bool: tokens already in prompt/output (repetition penalty)
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row; return (tokens [B], log-probs of the raw distribution [B, vocab])."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if b.seen is not None:
+        pen = b.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(b.seen, penalised, logits)
+    greedy = logits.argmax(dim=-1)
+    t = b.temperature.clamp_min(1e-6)[:, None]
+    probs = torch.softmax(logits / t, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays in).
+    cut = (sorted_p.cumsum(-1) - sorted_p) >= b.top_p[:, None]
+    cut |= (b.top_k[:, None] > 0) & (rank >= b.top_k[:, None])
+    cut |= sorted_p < b.min_p[:, None] * sorted_p[:, :1]
+    cut[:, 0] = False
+    sorted_p = sorted_p.masked_fill(cut, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) is an exact draw from `filtered`.
+    noise = -torch.log(uniform_noise(b.seeds, b.steps, probs.shape[-1])).to(probs.dtype)
+    sampled = (filtered / noise).argmax(dim=-1)
+    tokens = torch.where(b.temperature == 0, greedy, sampled)
+    return tokens, logprobs

@@ -1,0 +1,209 @@
+"""Visual-token policies: Full (plain LLaVA), FastV, PVTP and ST3 (= PVTP + the VTA annealer).
+
+One small interface, per sequence with N0 visual tokens in an L-layer decoder:
+  event_layers(L)            layers where the prefill prunes visual rows (ranked by the layer below's score)
+  budgets(N0, L)             G_l: visual entries layer l keeps after prefill
+  decode_budgets(N0, L, t)   VTA budgets per event layer before a decode forward (None = never evict)
+  score_layers(L, decode)    layers whose last-row attention scores the next forward must produce
+  removals(...)              which cached visual entries to evict before the next decode forward
+Rounding is floor(x + 0.5) everywhere; ties in a ranking go to the lower position.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k highest scores (1-D, in position order); ties go to the lower index."""
+    order = torch.sort(-scores, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep
+
+
+@dataclass(frozen=True)
+class Full:
+    """Plain LLaVA: every layer keeps every visual token."""
+    name = "full"
+
+    def validate(self, num_layers: int) -> None:
+        pass
+
+    def event_layers(self, num_layers: int) -> list[int]:
+        return []
+
+    def budgets(self, n0: int, num_layers: int) -> list[int]:
+        """G_l per layer: N0 below the first event layer, the schedule's budget from it on."""
+        events = self.event_layers(num_layers)
+        out, g = [], n0
+        for layer in range(num_layers):
+            if layer in events:
+                g = min(g, self._event_budget(n0, layer))
+            out.append(g)
+        return out
+
+    def _event_budget(self, n0: int, layer: int) -> int:
+        return n0
+
+    def decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int] | None:
+        return None
+
+    def score_layers(self, num_layers: int, decode: bool) -> list[int]:
+        if decode and not self.anneals:
+            return []
+        return [layer - 1 for layer in self.event_layers(num_layers)]
+
+    @property
+    def anneals(self) -> bool:
+        return False
+
+    def removals(self, n0: int, t: int, visual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+        """Mask over a seat's entries [L, maxlen] to evict before decoding token t (None = nothing).
+
+        `visual[l, i]` is the visual index of entry i of layer l (-1 for text/generated/padding);
+        `scores[k]` is the most recent forward's score row of layer score_layers()[k], by visual index.
+        """
+        budgets = self.decode_budgets(n0, visual.shape[0], t)
+        if not budgets:
+            return None
+        alive = torch.ones(n0 + 1, dtype=torch.bool)      # index n0 stands for "not visual"
+        idx = torch.where(visual >= 0, visual, n0).long()
+        removed_from = torch.zeros(visual.shape[0], n0 + 1, dtype=torch.bool)
+        for k, layer in enumerate(self.event_layers(visual.shape[0])):
+            present = torch.zeros(n0 + 1, dtype=torch.bool)
+            present[idx[layer]] = True
+            members = (present & alive)[:n0].nonzero().squeeze(1)   # ascending visual index = position
+            if members.numel() > budgets[layer]:
+                keep = keep_top(scores[k][members], budgets[layer])
+                alive[members[~keep]] = False
+            removed_from[layer] = ~alive
+        if alive.all():
+            return None
+        # A token evicted at event layer l leaves every layer m >= l.
+        removed_from = torch.cummax(removed_from.int(), dim=0).values.bool()
+        return removed_from.gather(1, idx) & (visual >= 0)
+
+
+@dataclass(frozen=True)
+class FastV(Full):
+    """FastV: at one layer, keep the top (1 - ratio) visual tokens by the layer below's attention, once."""
+    layer: int = 2
+    ratio: float = 0.5
+    min_keep: int = 1
+    name = "fastv"
+
+    def validate(self, num_layers: int) -> None:
+        _check_int("layer", self.layer, 1)
+        _check_ratio(self.ratio)
+        _check_int("min_keep", self.min_keep, 0)
+        if self.layer >= num_layers:
+            raise ValueError(f"fastv layer {self.layer} must be below the model's {num_layers} layers")
+
+    def event_layers(self, num_layers: int) -> list[int]:
+        return [self.layer] if self.layer < num_layers else []
+
+    def _event_budget(self, n0: int, layer: int) -> int:
+        return max(self.min_keep, round_half_up(n0 * (1 - self.ratio)))
+
+
+@dataclass(frozen=True)
+class PVTP(Full):
+    """Progressive visual token pruning: every `stride` layers from `start_layer`, keep (1 - ratio) more."""
+    start_layer: int = 2
+    stride: int = 2
+    ratio: float = 0.3
+    min_keep: int = 1
+    name = "pvtp"
+
+    def validate(self, num_layers: int) -> None:
+        _check_int("start_layer", self.start_layer, 1)
+        _check_int("stride", self.stride, 1)
+        _check_ratio(self.ratio)
+        _check_int("min_keep", self.min_keep, 0)
+        if self.start_layer >= num_layers:
+            raise ValueError(f"{self.name} start_layer {self.start_layer} must be below the model's "
+                             f"{num_layers} layers")
+
+    def event_layers(self, num_layers: int) -> list[int]:
+        return list(range(self.start_layer, num_layers, self.stride))
+
+    def _event_budget(self, n0: int, layer: int) -> int:
+        steps = (layer - self.start_layer) // self.stride + 1
+        return max(self.min_keep, round_half_up(n0 * (1 - self.ratio) ** steps))
+
+
+CURVES = ("linear", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class ST3(PVTP):
+    """PVTP at prefill plus visual token annealing (VTA) during decode.
+
+    phi(t) falls from 1 to anneal_floor over anneal_steps generated tokens:
+      linear  1 - (1 - f) * min(t, T) / T
+      cosine  f + (1 - f) * (1 + cos(pi * min(t, T) / T)) / 2   (slow start, slow finish)
+      step    1 until t reaches T, then f
+    """
+    anneal_steps: int = 64
+    anneal_floor: float = 0.5
+    anneal_curve: str = "linear"
+    name = "st3"
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        _check_int("anneal_steps", self.anneal_steps, 1)
+        if not (isinstance(self.anneal_floor, (int, float)) and 0.0 <= self.anneal_floor <= 1.0):
+            raise ValueError(f"anneal_floor must be in [0, 1], got {self.anneal_floor!r}")
+        if self.anneal_curve not in CURVES:
+            raise ValueError(f"anneal_curve must be one of {CURVES}, got {self.anneal_curve!r}")
+
+    @property
+    def anneals(self) -> bool:
+        return True
+
+    def phi(self, t: int) -> float:
+        f, frac = self.anneal_floor, min(t, self.anneal_steps) / self.anneal_steps
+        if self.anneal_curve == "linear":
+            return 1 - (1 - f) * frac
+        if self.anneal_curve == "cosine":
+            return f + (1 - f) * (1 + math.cos(math.pi * frac)) / 2
+        return 1.0 if t < self.anneal_steps else f
+
+    def decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int] | None:
+        phi, g = self.phi(t), self.budgets(n0, num_layers)
+        return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_ratio(ratio) -> None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+
+
+POLICIES = {"full": Full, "fastv": FastV, "pvtp": PVTP, "st3": ST3}
+
+
+def make_policy(policy: "str | Full", **params) -> Full:
+    """A policy object from a name (plus parameters) or an existing policy object."""
+    if isinstance(policy, Full):
+        if params:
+            raise ValueError("pass policy parameters to the policy object itself, not alongside it")
+        return policy
+    if not isinstance(policy, str) or policy.lower() not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)} or pass a policy object")
+    cls = POLICIES[policy.lower()]
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for policy {policy!r}: {e}") from None

@@ -1,0 +1,113 @@
+"""Continuous batching: who runs next, admission by free blocks, preemption, VTA evictions, finishing.
+
+A step is either a prefill of newly admitted requests (first come, first served, under a token
+budget) or a decode of every running request, as in nano-vllm. Admission asks the policy how many
+visual entries each layer will keep, so pruning policies admit more. When the pool runs dry during
+decode, the newest running request is preempted: its blocks are freed and it is recomputed later.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from cache.layered import LayeredKVCache
+from engine.sequence import Sequence, Status
+
+from .policy import Full
+
+
+class Scheduler:
+    def __init__(self, cache: LayeredKVCache, policy: Full, num_layers: int, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.cache, self.policy, self.num_layers = cache, policy, num_layers
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- sizing -----------------------------------------------------------------------------
+    def prefill_lens(self, seq: Sequence) -> list[int]:
+        """Entries each layer holds after this sequence's prefill, from the policy's budgets."""
+        text = seq.prompt_len - seq.num_visual
+        return [text + min(g, seq.num_visual) for g in self.policy.budgets(seq.num_visual, self.num_layers)]
+
+    def prefill_blocks(self, seq: Sequence) -> int:
+        return self.cache.blocks_for(self.prefill_lens(seq))
+
+    # ---- scheduling -------------------------------------------------------------------------
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """The batch for the next forward and whether it is a prefill."""
+        batch, tokens = [], 0
+        # Keep one block per layer of headroom per running sequence so admitted work can decode.
+        reserve = self.num_layers * (len(self.running) + 1)
+        while self.waiting and len(self.running) < self.max_num_seqs and self.cache.num_free_seats:
+            seq = self.waiting[0]
+            need = self.prefill_blocks(seq)
+            if batch and tokens + seq.prompt_len > self.max_num_batched_tokens:
+                break
+            if need + (reserve if self.running or batch else 0) > self.cache.pool.num_free:
+                break
+            self.waiting.popleft()
+            seq.seat = self.cache.allocate(self.prefill_lens(seq))
+            seq.status, seq.cursor = Status.RUNNING, 0
+            self.running.append(seq)
+            batch.append(seq)
+            tokens += seq.prompt_len
+            reserve += self.num_layers
+        if batch:
+            return batch, True
+        # Decode: every running sequence needs room for one more entry per layer.
+        while self.running:
+            need = self.cache.blocks_to_append([s.seat for s in self.running])
+            if need <= self.cache.pool.num_free:
+                break
+            self.preempt(self.running[-1])
+        return list(self.running), False
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a sequence's cache and queue it first for recomputation (it keeps its tokens)."""
+        self.running.remove(seq)
+        self.cache.free(seq.seat)
+        seq.seat, seq.status, seq.scores = None, Status.WAITING, None
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and return its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            seq.kv_blocks_final = self.cache.blocks_held(seq.seat)
+            self.cache.free(seq.seat)
+            seq.seat = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # ---- VTA --------------------------------------------------------------------------------
+    def evict_visual(self) -> int:
+        """Apply the policy's decode-time evictions to every running sequence; return blocks freed."""
+        if not self.policy.anneals:
+            return 0
+        freed = 0
+        for seq in self.running:
+            if seq.scores is None or seq.num_visual == 0 or seq.cursor == 0:
+                continue
+            budgets = self.policy.decode_budgets(seq.num_visual, self.num_layers, seq.cursor)
+            if all(seq.visual_per_layer[l] <= b for l, b in budgets.items()):
+                continue  # cheap host check: nothing over budget, no tensor work
+            slots, valid = self.cache.layer_slots(seq.seat)
+            visual = self.cache.pool.visual_index[slots.to(self.cache.pool.k.device)].cpu()
+            visual = torch.where(valid, visual, -1)
+            remove = self.policy.removals(seq.num_visual, seq.cursor, visual, seq.scores.cpu())
+            if remove is None:
+                continue
+            freed += self.cache.trim(seq.seat, remove)
+            seq.visual_per_layer = [n - int(r) for n, r in zip(seq.visual_per_layer, remove.sum(1).tolist())]
+        return freed
