@@ -16,12 +16,14 @@ class BlockPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        # Flat [slots, heads, dim] views: slot = block * block_size + offset.
+        # Flat [slots, heads, dim]: slot = block * block_size + offset. One extra slot at the end is
+        # the trash slot, where padded rows of a fixed-size (CUDA-graph) decode batch write.
+        self.trash_slot = num_blocks * block_size
+        shape = (num_blocks * block_size + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Per slot: which visual token of its sequence it holds (0..N0-1), or -1 for text/generated.
-        self.visual_index = torch.full((num_blocks * block_size,), -1, dtype=torch.int32, device=device)
+        self.visual_index = torch.full((num_blocks * block_size + 1,), -1, dtype=torch.int32, device=device)
         self._free = deque(range(num_blocks))
         self.peak_used = 0
 

@@ -77,6 +77,8 @@ class LLM:
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
                                    max(max_num_batched_tokens, self.max_model_len))
         self.runner = ModelRunner(self.model, self.cache, self.policy, dev)
+        self.runner.setup_decode(max_num_seqs, self.max_model_len,
+                                 use_graphs=dev.type == "cuda" and not enforce_eager)
         self.eos_ids = frozenset(text.eos_token_id) | ({self.tokenizer.eos_token_id} - {None})
         self._seqs: dict[str, Sequence] = {}
         self._decoders: dict[str, object] = {}
@@ -111,10 +113,15 @@ class LLM:
         seq = Sequence(rid, p.prompt_ids, p.pixel_values, params,
                        seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
                        eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
-        need, total = self.scheduler.prefill_blocks(seq), self.cache.pool.num_blocks
+        # Worst case: every layer's prefill entries plus one entry per generated token but the last.
+        # A request that cannot fit even alone would be preempted and recomputed forever.
+        grow = min(params.max_tokens, self.max_model_len - seq.prompt_len) - 1
+        need = self.cache.blocks_for([n + grow for n in self.scheduler.prefill_lens(seq)])
+        total = self.cache.pool.num_blocks
         if need > total:
-            raise RequestError(f"request needs {need} KV blocks for its prompt, the pool has only {total} "
-                               "(raise num_kv_blocks or use a pruning policy)")
+            raise RequestError(f"request needs up to {need} KV blocks (prompt + max_tokens={params.max_tokens}), "
+                               f"the pool has only {total} (raise num_kv_blocks, lower max_tokens or use a "
+                               "pruning policy)")
         self._seqs[rid] = seq
         self._decoders[rid] = self.tokenizer.stream_decoder()
         self._sent[rid] = 0
@@ -187,7 +194,8 @@ class LLM:
                              torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen)
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
-        delta = self._decoders[seq.request_id].feed(tok)
+        # lm_head is often padded past the tokenizer (llava-hf: 32064 rows, 32002 tokens); such ids have no text.
+        delta = self._decoders[seq.request_id].feed(tok) if tok < self.tokenizer.vocab_size else ""
         seq.text += delta
         reason, hits_stop_string = None, False
         if tok in seq.eos_ids or tok in seq.params.stop_token_ids:

@@ -1,6 +1,8 @@
 """Runs the model over the layered paged cache: batched prefill with PVTP pruning, batched decode."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cache.layered import LayeredKVCache
@@ -8,6 +10,7 @@ from models.llava import LlavaForConditionalGeneration
 from scheduler.policy import Full, keep_top
 
 from .attention import decode_attention, gather_kv, prefill_attention
+from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets
 from .sequence import Sequence
 
 
@@ -91,33 +94,55 @@ class ModelRunner:
         logits = self.lm.lm_head(self.lm.model.norm(h[last]))
         return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]
 
-    # ---- decode -----------------------------------------------------------------------------
+    # ---- decode ----------------------------------------------------------------------------
+    def setup_decode(self, max_num_seqs: int, max_model_len: int, use_graphs: bool) -> None:
+        """Allocate the static decode buffers, and capture CUDA graphs over them when asked."""
+        dev, L = self.device, self.num_layers
+        self.decode_score_layers = self.policy.score_layers(L, decode=True)
+        self.score_width = max_model_len + 1  # by visual index, plus one sink column for text entries
+        self.buffers = DecodeBuffers(max_num_seqs, L, self.cache.max_blocks, self.pool.trash_slot, dev)
+        self.buckets = graph_buckets(max_num_seqs)
+        self.graphs, self.pad_batches = None, False
+        if use_graphs:
+            step = functools.partial(self.decode_forward, score_layers=self.decode_score_layers,
+                                     score_width=self.score_width)
+            self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.cache.max_blocks)
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """One token for every sequence; returns logits [B, vocab] and per-sequence score rows."""
-        dev = self.device
+        n = len(seqs)
         seats = torch.tensor([s.seat for s in seqs])
-        slot_mapping = self.cache.append_slots(seats).T.contiguous()          # [L, B]
+        slot_mapping = self.cache.append_slots(seats).T                        # [L, B]
         lens = self.cache.lens[seats]                                          # [B, L]
-        width = -(-int(lens.max()) // self.cache.block_size)
-        tables = self.cache.tables[seats][:, :, :width]
         tokens, positions = zip(*(s.next_input() for s in seqs))
-        score_layers = self.policy.score_layers(self.num_layers, decode=True)
-        n0_max = max(s.num_visual for s in seqs)
-        logits, scores = self.decode_forward(
-            torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), slot_mapping.to(dev),
-            tables.to(dev), lens.to(dev), score_layers, n0_max)
-        return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]
+        # Graphs (and the `padded` mode that reproduces their inputs eagerly, for tests) run a bucket
+        # of rows over full-width tables; plain eager runs gather only the blocks the batch needs.
+        static = self.graphs is not None or self.pad_batches
+        rows = min(b for b in self.buckets if b >= n) if static else n
+        width = self.cache.max_blocks if static else -(-int(lens.max()) // self.cache.block_size)
+        self.buffers.fill(n, rows, torch.tensor(tokens), torch.tensor(positions), slot_mapping,
+                          self.cache.tables[seats][:, :, :width], lens)
+        if self.graphs is not None:
+            logits, scores = self.graphs.replay(rows)
+        else:
+            score_width = self.score_width if static else max(s.num_visual for s in seqs) + 1
+            logits, scores = self.decode_forward(*self.buffers.view(rows, width), self.decode_score_layers,
+                                                 score_width)
+        has_scores = bool(self.decode_score_layers)
+        return logits[:n], [scores[b, :, :s.num_visual].clone() if has_scores else None
+                            for b, s in enumerate(seqs)]
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: list[int],
-                       n0_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step proper: tensors in, tensors out, no host synchronisation."""
+                       score_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step proper: tensors in, tensors out, no host synchronisation (graph-capturable)."""
         pool, bs = self.pool, self.cache.block_size
         h = self.lm.model.embed_tokens(input_ids)
         cos, sin = self.lm.model.rotary_emb(positions, h.dtype)
-        scores = torch.zeros(input_ids.shape[0], len(score_layers), n0_max + 1, device=h.device)
-        for layer_idx, layer in enumerate(self.layers):
+        scores = torch.zeros(input_ids.shape[0], len(score_layers), score_width, device=h.device)
+        sink = score_width - 1
+        for layer in self.layers:
             def attend(l, q, k, v):
                 slots = slot_mapping[l]
                 pool.k[slots], pool.v[slots] = k, v
@@ -129,7 +154,7 @@ class ModelRunner:
                 if want:
                     vis = gather_kv(pool.visual_index[:, None, None], block_tables[:, l], bs)[:, 0, :, 0]
                     valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < context_lens[:, l, None]
-                    idx = torch.where(valid & (vis >= 0), vis.long(), n0_max)  # padding may hold stale ids
+                    idx = torch.where(valid & (vis >= 0), vis.long(), sink)  # padding may hold stale ids
                     scores[:, score_layers.index(l)].scatter_(1, idx, sc)
                 return out
             h = layer(h, cos, sin, attend)
