@@ -10,6 +10,7 @@ from models.llava import LlavaForConditionalGeneration
 from scheduler.policy import Full, keep_top
 
 from .attention import decode_attention, gather_kv, prefill_attention
+from .triton_attention import paged_decode_attention, pick_backend
 from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets
 from .sequence import Sequence
 
@@ -101,12 +102,29 @@ class ModelRunner:
         self.decode_score_layers = self.policy.score_layers(L, decode=True)
         self.score_width = max_model_len + 1  # by visual index, plus one sink column for text entries
         self.buffers = DecodeBuffers(max_num_seqs, L, self.cache.max_blocks, self.pool.trash_slot, dev)
+        self.use_triton = dev.type == "cuda" and self._triton_wins()
         self.buckets = graph_buckets(max_num_seqs)
         self.graphs, self.pad_batches = None, False
         if use_graphs:
             step = functools.partial(self.decode_forward, score_layers=self.decode_score_layers,
                                      score_width=self.score_width)
             self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.cache.max_blocks)
+
+    def _triton_wins(self) -> bool:
+        """Check the Triton paged kernel against gather + SDPA on a synthetic paged batch; use it if faster."""
+        t, bs, dev = self.cfg.text, self.cache.block_size, self.device
+        g = torch.Generator(device=dev).manual_seed(0)
+        nb, b, w = 256, 8, 32
+        k = torch.randn(nb * bs + 1, t.num_key_value_heads, t.head_dim, device=dev, generator=g).to(self.pool.k.dtype)
+        v = torch.randn_like(k)
+        tables = torch.randperm(nb, device=dev, generator=g)[: b * w].view(b, 1, w)
+        lens = torch.randint(1, w * bs + 1, (b, 1), device=dev, generator=g)
+        q = torch.randn(b, t.num_attention_heads, t.head_dim, device=dev, generator=g).to(k.dtype)
+        gather = lambda q, k, v, tb, ln: decode_attention(  # noqa: E731
+            q, gather_kv(k, tb[:, 0], bs), gather_kv(v, tb[:, 0], bs), ln[:, 0], False)[0]
+        paged = lambda q, k, v, tb, ln: paged_decode_attention(q, k, v, tb, ln, 0, bs)  # noqa: E731
+        atol = 1e-4 if k.dtype == torch.float32 else 2e-2
+        return pick_backend(gather, paged, (q, k, v, tables, lens), atol)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -147,9 +165,11 @@ class ModelRunner:
                 slots = slot_mapping[l]
                 pool.k[slots], pool.v[slots] = k, v
                 pool.visual_index[slots] = -1
+                want = l in score_layers
+                if self.use_triton and not want:
+                    return paged_decode_attention(q, pool.k, pool.v, block_tables, context_lens, l, bs)
                 k_all = gather_kv(pool.k, block_tables[:, l], bs)
                 v_all = gather_kv(pool.v, block_tables[:, l], bs)
-                want = l in score_layers
                 out, sc = decode_attention(q, k_all, v_all, context_lens[:, l], want)
                 if want:
                     vis = gather_kv(pool.visual_index[:, None, None], block_tables[:, l], bs)[:, 0, :, 0]
