@@ -106,7 +106,7 @@ def _rope(d: dict) -> tuple[float, float]:
     raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported (only 'default' and 'linear')")
 
 
-def _text_config(d: dict) -> TextConfig:
+def _text_config(d: dict, check_model_type: bool = True) -> TextConfig:
     kw = {k: v for k, v in d.items() if k in _TEXT_FIELDS and k not in ("rope_theta", "eos_token_id")}
     kw["rope_theta"], kw["rope_scaling_factor"] = _rope(d)
     eos = d.get("eos_token_id", 2)
@@ -114,7 +114,7 @@ def _text_config(d: dict) -> TextConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: text hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
     mt = d.get("model_type", "llama")
-    if mt not in ("llama", "vicuna"):
+    if check_model_type and mt not in ("llama", "vicuna"):
         raise ConfigError(f"config.json: text model_type {mt!r} is not supported (only 'llama')")
     return TextConfig(**kw)
 
@@ -162,7 +162,8 @@ def _original_config(d: dict, model_dir: Path) -> LlavaConfig:
     vd = _read_json(vision_json) if vision_json.exists() else None
     if vd is not None and "vision_config" in vd:  # a full CLIPModel config
         vd = vd["vision_config"]
-    text = _text_config(d)
+    # The top-level model_type is LLaVA's own ("llava" / "llava_llama"), not the text model's.
+    text = _text_config(d, check_model_type=False)
     text.vocab_size = d.get("vocab_size", 32000)
     return LlavaConfig(
         text=text, vision=_vision_config(vd) if vd is not None else VisionConfig(**LLAVA_DEFAULT_VISION),

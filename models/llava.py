@@ -43,9 +43,11 @@ class LlavaForConditionalGeneration(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with rows at `<image>` ids replaced, in order, by image feature rows."""
         is_image = input_ids == self.config.image_token_index
-        emb = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if image_features is None:
-            return emb
+            # No images: an in-vocabulary <image> id (e.g. a generated one) embeds its own row, as in
+            # transformers and the engine's decode; only a sentinel outside the vocabulary (-200) is masked.
+            return self.language_model.model.embed_tokens(input_ids.masked_fill(input_ids < 0, 0))
+        emb = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         feats = image_features.reshape(-1, emb.shape[-1]).to(emb.dtype)
         if int(is_image.sum()) != feats.shape[0]:
             raise ValueError(f"{int(is_image.sum())} <image> token positions but {feats.shape[0]} image feature rows")

@@ -100,6 +100,10 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     """Build the model for <model_dir>'s config and fill every parameter from its safetensors files."""
     model_dir = Path(model_dir)
     cfg = cfg or load_config(model_dir)
+    if cfg.layout == "original" and not Path(cfg.vision_tower_path).is_dir():
+        # Check before anything else: without it the vision geometry is a guess, and the first error
+        # would otherwise be a misleading projector shape mismatch.
+        raise CheckpointError(f"{cfg.vision_tower_path}: CLIP vision tower directory (mm_vision_tower) not found")
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -110,8 +114,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     if cfg.layout == "original":
         _load_files(safetensors_files(model_dir), ORIGINAL_TO_LEGACY, ORIGINAL_SKIP, params, seen, built)
         clip_dir = Path(cfg.vision_tower_path)
-        if not clip_dir.is_dir():
-            raise CheckpointError(f"{clip_dir}: CLIP vision tower directory (mm_vision_tower) not found")
         _load_files(safetensors_files(clip_dir), CLIP_TO_LEGACY, CLIP_SKIP, params, seen, built)
     else:
         _load_files(safetensors_files(model_dir), HF_NEW_TO_LEGACY, None, params, seen, built)
