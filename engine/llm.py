@@ -110,6 +110,10 @@ class LLM:
         if rid in self._seqs:
             raise RequestError(f"request id {rid!r} is already in use")
         p = self.processor.process(request)
+        if p.num_visual and p.prompt_ids[-1] == self.model_config.image_token_index \
+                and self.policy.event_layers(self.model_config.text.num_hidden_layers):
+            raise RequestError(f"policy {self.policy.name!r} ranks visual tokens by the last prompt token's "
+                               "attention, so the prompt must not end with <image>; add text after it")
         seq = Sequence(rid, p.prompt_ids, p.pixel_values, params,
                        seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
                        eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
@@ -191,7 +195,10 @@ class LLM:
                              col(lambda p: p.top_k, torch.int64), col(lambda p: p.min_p),
                              col(lambda p: p.repetition_penalty),
                              torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-                             torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen)
+                             torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen,
+                             all_greedy=all(s.params.temperature == 0 for s in seqs),
+                             needs_filter=any(s.params.top_p < 1 or s.params.top_k > 0 or s.params.min_p > 0
+                                              for s in seqs))
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         # lm_head is often padded past the tokenizer (llava-hf: 32064 rows, 32002 tokens); such ids have no text.

@@ -70,6 +70,10 @@ class InputProcessor:
         expanded: list[int] = []
         for t in ids:
             expanded.extend([t] * per_image if t == self.cfg.image_token_index else [t])
+        vocab = self.cfg.text.vocab_size
+        bad = [t for t in ids if t != self.cfg.image_token_index and not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt encodes to token id {bad[0]}, outside the model's vocabulary of {vocab}")
         if len(expanded) >= self.max_model_len:
             raise RequestError(f"prompt is {len(expanded)} tokens ({len(images)} image(s) x {per_image} visual "
                                f"tokens included), the model's context is {self.max_model_len}")

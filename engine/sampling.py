@@ -80,7 +80,11 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors, so the sampler never loops over requests."""
+    """Per-row sampling parameters as tensors, so the sampler never loops over requests.
+
+    The flags are host-side facts about the parameters (not tensor values): they let an all-greedy
+    batch skip the vocabulary sort entirely.
+    """
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
@@ -89,6 +93,8 @@ class SamplingBatch:
     seeds: torch.Tensor
     steps: torch.Tensor
     seen: torch.Tensor | None  # [B, vocab] bool: tokens already in prompt/output (repetition penalty)
+    all_greedy: bool = False
+    needs_filter: bool = True
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,19 +106,20 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         penalised = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(b.seen, penalised, logits)
     greedy = logits.argmax(dim=-1)
+    if b.all_greedy:
+        return greedy, logprobs
     t = b.temperature.clamp_min(1e-6)[:, None]
     probs = torch.softmax(logits / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays in).
-    cut = (sorted_p.cumsum(-1) - sorted_p) >= b.top_p[:, None]
-    cut |= (b.top_k[:, None] > 0) & (rank >= b.top_k[:, None])
-    cut |= sorted_p < b.min_p[:, None] * sorted_p[:, :1]
-    cut[:, 0] = False
-    sorted_p = sorted_p.masked_fill(cut, 0.0)
-    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) is an exact draw from `filtered`.
+    if b.needs_filter:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays in).
+        cut = (sorted_p.cumsum(-1) - sorted_p) >= b.top_p[:, None]
+        cut |= (b.top_k[:, None] > 0) & (rank >= b.top_k[:, None])
+        cut |= sorted_p < b.min_p[:, None] * sorted_p[:, :1]
+        cut[:, 0] = False
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(cut, 0.0))
+    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) is an exact draw from `probs`.
     noise = -torch.log(uniform_noise(b.seeds, b.steps, probs.shape[-1])).to(probs.dtype)
-    sampled = (filtered / noise).argmax(dim=-1)
-    tokens = torch.where(b.temperature == 0, greedy, sampled)
-    return tokens, logprobs
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(b.temperature == 0, greedy, sampled), logprobs

@@ -45,8 +45,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """The batch for the next forward and whether it is a prefill."""
         batch, tokens = [], 0
-        # Keep one block per layer of headroom per running sequence so admitted work can decode.
-        reserve = self.num_layers * (len(self.running) + 1)
+        # Beside other work, admit only with a block per layer to spare, so the step after a
+        # prefill can decode without preempting what was just admitted.
+        reserve = self.num_layers
         while self.waiting and len(self.running) < self.max_num_seqs and self.cache.num_free_seats:
             seq = self.waiting[0]
             need = self.prefill_blocks(seq)
@@ -60,7 +61,6 @@ class Scheduler:
             self.running.append(seq)
             batch.append(seq)
             tokens += seq.prompt_len
-            reserve += self.num_layers
         if batch:
             return batch, True
         # Decode: every running sequence needs room for one more entry per layer.
