@@ -1,0 +1,125 @@
+"""Decode speed against the weight-bandwidth limit and transformers, measured in one run.
+
+  python -m tools.decode_bench [--layers 16 --hidden 1024 ...] [--batch 1,16] [--policies full,st3] [--hf]
+
+Builds (once, cached) a random-weight LLaVA with 576 visual tokens per image, then reports ms per
+decode step for the engine under each policy and batch size, transformers' generate at batch 1,
+and the floor set by memory bandwidth: (decoder + lm_head bytes) / read bandwidth, where the
+bandwidth is measured here, now, by streaming a large tensor. Ratios within one run are what count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine import LLM, SamplingParams
+from tools.make_tiny_model import make_tiny_model
+
+
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes per second for reading a large fp32 tensor (best of a few passes)."""
+    x = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def model_dir(args) -> Path:
+    root = Path(os.environ.get("ST3_CACHE_DIR", Path.home() / ".cache" / "st3-engine"))
+    out = root / f"decode-{args.layers}l-{args.hidden}h-{args.kv_heads}kv"
+    if not (out / "config.json").exists():
+        make_tiny_model(out, text_layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                        heads=args.heads, kv_heads=args.kv_heads, text_vocab=32000, image_size=336, patch_size=14,
+                        vision_hidden=64, vision_intermediate=128, vision_layers=2, vision_heads=2)
+    return out
+
+
+def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
+    """Median ms of a decode step with `batch` image requests running together."""
+    img = Image.new("RGB", (336, 336), (120, 80, 200))
+    q = "Describe the picture in as much detail as you can, please."
+    reqs = [{"prompt": llm.tokenizer.chat_prompt(q, 1), "image": img}] * batch
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    for r in reqs:
+        llm.add_request(r, sp)
+    times = []
+    while llm.has_unfinished():
+        decode = not llm.scheduler.waiting
+        t0 = time.perf_counter()
+        llm.step()
+        if decode:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def hf_step_ms(path: Path, llm: LLM, tokens: int) -> float | None:
+    """transformers' generate at batch 1: (time for N tokens - time for 1) / (N - 1)."""
+    try:
+        from transformers import LlavaForConditionalGeneration
+    except ImportError:
+        return None
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    p = llm.processor.process({"prompt": llm.tokenizer.chat_prompt("Describe the picture.", 1),
+                               "image": Image.new("RGB", (336, 336), (120, 80, 200))})
+    ids = torch.tensor([p.prompt_ids])
+
+    def run(n):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, pixel_values=p.pixel_values, attention_mask=torch.ones_like(ids),
+                        max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
+    run(2)
+    one = min(run(1) for _ in range(2))
+    return 1000 * (run(tokens) - one) / (tokens - 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=16)
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--policies", default="full,st3")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1, fp32)")
+    args = ap.parse_args(argv)
+    path = model_dir(args)
+    bw = read_bandwidth()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for policy in args.policies.split(","):
+            llm = LLM(path, policy=policy, dtype=dtype, max_num_seqs=max(map(int, args.batch.split(","))),
+                      num_kv_blocks=20000)
+            text = llm.model.language_model
+            weight_bytes = sum(p.numel() * p.element_size() for n, p in text.named_parameters()
+                               if "embed_tokens" not in n)
+            engine_step_ms(llm, 1, 4)  # warm-up
+            for b in map(int, args.batch.split(",")):
+                rows.append((f"engine {policy} {dtype}", b, engine_step_ms(llm, b, args.tokens),
+                             1000 * weight_bytes / bw))
+            if args.hf and policy == "full" and dtype == "float32":
+                ms = hf_step_ms(path, llm, args.tokens)
+                if ms is not None:
+                    rows.append(("transformers generate float32", 1, ms, 1000 * weight_bytes / bw))
+            del llm
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    print(f"{'path':34s} {'batch':>5s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s}")
+    for name, b, ms, floor in rows:
+        print(f"{name:34s} {b:5d} {ms:9.1f} {floor:9.1f} {ms / floor:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Everything that needs a GPU, in one prepared run (about 5 minutes on an H100).
+
+  PYTHONPATH=. python tools/gpu_check.py [--out DIR] [--layers 8]
+
+1. Parity on CUDA: our model vs transformers (fp32 within 1e-4; bf16 within a stated tolerance).
+2. The engine vs the naive ST3 reference (tests/st3_reference.py, run on the CPU) for every policy.
+3. CUDA-graph replay equals eager decode token for token, every policy, with batches that shrink/grow.
+4. The Triton paged decode kernel vs the gather + SDPA path, and which one the engine picked.
+5. Decode ms/token at LLaVA-1.5-7B width (fewer layers): eager, graphs, transformers, HBM floor.
+Prints a summary and writes gpu_check.json (to --out, default $OUT or the cwd). Exit 1 if a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.attention import decode_attention, gather_kv  # noqa: E402
+from tools.make_tiny_model import make_tiny_model  # noqa: E402
+
+POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 4}),
+            ("st3", {"anneal_steps": 6, "anneal_floor": 0.2, "anneal_curve": "cosine"})]
+RESULTS: dict = {"checks": {}, "bench": {}}
+
+
+def image(seed: int, w: int, h: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def requests():
+    return [{"prompt": "USER: <image>\nWhat is shown here? ASSISTANT:", "image": image(1, 70, 50)},
+            {"prompt": "A text-only request."},
+            {"prompt": "USER: <image>\nDescribe it in detail. ASSISTANT:", "image": image(2, 40, 90)}]
+
+
+def check(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                detail = fn(*a, **k)
+                RESULTS["checks"][name] = {"ok": True, "detail": detail, "s": round(time.perf_counter() - t0, 1)}
+            except Exception as e:  # keep going: one failed check must not hide the others
+                RESULTS["checks"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                           "trace": traceback.format_exc()[-2000:]}
+            print(f"[{'ok' if RESULTS['checks'][name]['ok'] else 'FAIL'}] {name}: "
+                  f"{RESULTS['checks'][name].get('detail') or RESULTS['checks'][name].get('error')}", flush=True)
+        return run
+    return wrap
+
+
+@check("parity fp32 and bf16 vs transformers on CUDA")
+def parity(model_dir: Path) -> dict:
+    from transformers import LlavaForConditionalGeneration
+    out = {}
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
+        llm = LLM(model_dir, device="cuda", dtype=str(dtype).split(".")[1], num_kv_blocks=2000)
+        hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+        req = requests()[0]
+        p = llm.processor.process(req)
+        ids = torch.tensor([p.prompt_ids], device="cuda")
+        pix = p.pixel_values.cuda().to(dtype)
+        with torch.inference_mode():
+            ref = hf(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids)).logits.float()
+            ours = llm.model(ids, pix).float()
+            hf_tokens = hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=12, do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        diff = (ref - ours).abs().max().item()
+        tokens = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+        name = str(dtype).split(".")[1]
+        out[name] = {"max_logit_diff": diff, "tol": tol, "greedy_equal": tokens == hf_tokens}
+        assert diff < tol, f"{name}: logits differ by {diff} > {tol}"
+        if dtype == torch.float32:
+            assert tokens == hf_tokens, f"greedy tokens differ: {tokens} vs {hf_tokens}"
+        del llm, hf
+        torch.cuda.empty_cache()
+    return out
+
+
+@check("engine on CUDA equals the naive ST3 reference (CPU), every policy")
+def reference(model_dir: Path) -> dict:
+    from st3_reference import reference_generate
+    cpu = LLM(model_dir, num_kv_blocks=50)
+    out = {}
+    for kind, params in POLICIES:
+        llm = LLM(model_dir, device="cuda", policy=kind, policy_params=params, num_kv_blocks=2000)
+        outs = llm.generate(requests(), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0))
+        worst = 0.0
+        for req, o in zip(requests(), outs):
+            p = cpu.processor.process(req)
+            ref = reference_generate(cpu.model, p.prompt_ids, p.pixel_values, {"kind": kind, **params}, 12)
+            assert o.token_ids == ref["token_ids"], f"{kind} {params}: {o.token_ids} vs {ref['token_ids']}"
+            worst = max(worst, max(abs(e[t] - r) for e, t, r in zip(o.logprobs, o.token_ids, ref["logprobs"])))
+        assert worst < 1e-3, f"{kind}: logprobs differ by {worst}"
+        out[f"{kind}{params or ''}"] = {"max_logprob_diff": worst}
+    return out
+
+
+def staggered(llm: LLM) -> list[list[int]]:
+    """Requests that arrive over time and finish at different steps, so batches shrink and grow."""
+    reqs = requests() * 3
+    sp = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 5, 33, 9, 14, 40, 3, 25, 17)]
+    ids = [llm.add_request(r, p) for r, p in zip(reqs[:3], sp[:3])]
+    steps = 0
+    while llm.has_unfinished() or len(ids) < len(reqs):
+        if steps % 4 == 3 and len(ids) < len(reqs):
+            ids.append(llm.add_request(reqs[len(ids)], sp[len(ids)]))
+        llm.step()
+        steps += 1
+    return [llm._pop(i).token_ids for i in ids]
+
+
+@check("CUDA-graph replay equals eager, every policy")
+def graphs(model_dir: Path) -> dict:
+    out = {}
+    for kind, params in POLICIES:
+        runs = []
+        for eager in (True, False):
+            llm = LLM(model_dir, device="cuda", policy=kind, policy_params=params, num_kv_blocks=3000,
+                      max_num_seqs=16, enforce_eager=eager, block_size=8)
+            assert (llm.runner.graphs is None) == eager
+            runs.append(staggered(llm))
+            assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
+        assert runs[0] == runs[1], f"{kind}: graph replay differs from eager"
+        out[kind] = "equal"
+    return out
+
+
+@check("Triton paged kernel vs gather + SDPA")
+def triton_kernel(model_dir: Path) -> dict:
+    from engine.triton_attention import paged_decode_attention
+    out = {}
+    for dtype, hkv, h, d in ((torch.float32, 4, 16, 64), (torch.bfloat16, 8, 32, 128), (torch.float16, 32, 32, 128)):
+        bs, nb, b, w = 16, 512, 6, 40
+        k = torch.randn(nb * bs + 1, hkv, d, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+        tables = torch.randperm(nb, device="cuda")[: b * 2 * w].view(b, 2, w)
+        lens = torch.randint(1, w * bs + 1, (b, 2), device="cuda")
+        q = torch.randn(b, h, d, device="cuda", dtype=dtype)
+        for layer in (0, 1):
+            ref = decode_attention(q, gather_kv(k, tables[:, layer], bs), gather_kv(v, tables[:, layer], bs),
+                                   lens[:, layer], False)[0]
+            got = paged_decode_attention(q, k, v, tables, lens, layer, bs)
+            diff = (ref.float() - got.float()).abs().max().item()
+            assert diff < (1e-4 if dtype == torch.float32 else 2e-2), f"{dtype}: {diff}"
+        out[str(dtype)] = diff
+    llm = LLM(model_dir, device="cuda", num_kv_blocks=500)
+    out["engine_uses_triton"] = llm.runner.use_triton
+    return out
+
+
+def hbm_read_bw() -> float:
+    x = torch.ones(1 << 30, device="cuda", dtype=torch.float32)
+    x.sum()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    torch.cuda.synchronize()
+    return 10 * x.numel() * 4 / (time.perf_counter() - t0)
+
+
+@check("decode speed at LLaVA-1.5-7B width")
+def bench(work: Path, layers: int) -> dict:
+    from transformers import LlavaForConditionalGeneration
+    d = make_tiny_model(work / "wide", preset="llava-1.5-7b", text_layers=layers, vision_layers=2,
+                        dtype="bfloat16")
+    img = image(3, 336, 336)
+    out = {}
+    for label, eager in (("eager", True), ("graphs", False)):
+        llm = LLM(d, device="cuda", dtype="bfloat16", num_kv_blocks=4000, max_num_seqs=16, enforce_eager=eager)
+        for batch in (1, 16):
+            req = {"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img}
+            for _ in range(2):  # the first round warms up
+                ids = [llm.add_request(req, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+                       for _ in range(batch)]
+                llm.step()  # prefill
+                torch.cuda.synchronize()
+                t0, steps = time.perf_counter(), 0
+                while llm.has_unfinished():
+                    llm.step()
+                    steps += 1
+                torch.cuda.synchronize()
+                ms = 1000 * (time.perf_counter() - t0) / steps
+                for i in ids:
+                    llm._pop(i)
+            out[f"engine {label} bs{batch} ms/step"] = round(ms, 3)
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
+                           if "embed_tokens" not in n)
+        del llm
+        torch.cuda.empty_cache()
+    hf = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(d, device="cuda", dtype="bfloat16", num_kv_blocks=200, max_num_seqs=1, enforce_eager=True)
+    p = llm.processor.process({"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img})
+    ids = torch.tensor([p.prompt_ids], device="cuda")
+    pix = p.pixel_values.cuda().bfloat16()
+
+    def gen(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    gen(4)
+    out["transformers bs1 ms/token"] = round(1000 * (gen(65) - gen(1)) / 64, 3)
+    bw = hbm_read_bw()
+    out["hbm_read_GBps"] = round(bw / 1e9)
+    out["floor bs1 ms/token (weights / bandwidth)"] = round(1000 * weight_bytes / bw, 3)
+    out["layers"] = layers
+    RESULTS["bench"] = out
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device")
+        return 2
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        small = make_tiny_model(work / "small", text_layers=6, kv_heads=2, image_size=64, seed=7)
+        parity(small)
+        reference(small)
+        graphs(small)
+        triton_kernel(small)
+        bench(work, args.layers)
+    path = Path(args.out) / "gpu_check.json"
+    path.write_text(json.dumps(RESULTS, indent=2))
+    failed = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
+    print(json.dumps({k: v for k, v in RESULTS.items() if k != "checks"}, indent=2))
+    print(f"{len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
