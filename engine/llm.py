@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,26 +21,10 @@ from scheduler.scheduler import Scheduler
 from .config import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, EngineConfig
 from .errors import EngineError, RequestError
 from .model_runner import ModelRunner
+from .outputs import RequestOutput, TextState, request_stats
 from .processor import InputProcessor
 from .sampling import SamplingBatch, SamplingParams, sample
 from .sequence import Sequence, Status
-
-
-@dataclass
-class RequestOutput:
-    """A request's result so far (or in full once `finished`)."""
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] | None = None
-    stats: dict = field(default_factory=dict)
-    delta: str = ""            # text added since the previous output of this request (streaming)
-    error: str | None = None   # set when finish_reason == "error"
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 class LLM:
@@ -81,8 +64,8 @@ class LLM:
                                  use_graphs=dev.type == "cuda" and not enforce_eager)
         self.eos_ids = frozenset(text.eos_token_id) | ({self.tokenizer.eos_token_id} - {None})
         self._seqs: dict[str, Sequence] = {}
-        self._decoders: dict[str, object] = {}
-        self._sent: dict[str, int] = {}
+        self._texts: dict[str, TextState] = {}
+        self._owned: set[str] = set()  # ids that generate()/stream() collect themselves
         self._ids = itertools.count()
         self._rng = random.Random(0)
 
@@ -127,8 +110,7 @@ class LLM:
                                f"the pool has only {total} (raise num_kv_blocks, lower max_tokens or use a "
                                "pruning policy)")
         self._seqs[rid] = seq
-        self._decoders[rid] = self.tokenizer.stream_decoder()
-        self._sent[rid] = 0
+        self._texts[rid] = TextState(self.tokenizer)
         self.scheduler.add(seq)
         return rid
 
@@ -138,6 +120,8 @@ class LLM:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
             seq.finish_time = time.perf_counter()
+            if seq.request_id not in self._owned:
+                self._forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -179,7 +163,9 @@ class LLM:
                         entry[i] = v
                 seq.logprobs.append(entry)
             self._check_stop(seq, tok)
-            outputs.append(self._output(seq))
+            outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq)))
+            if seq.is_finished and seq.request_id not in self._owned:
+                self._forget(seq.request_id)  # add_request/step users got their last output
         return outputs
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
@@ -201,52 +187,24 @@ class LLM:
                                               for s in seqs))
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
-        # lm_head is often padded past the tokenizer (llava-hf: 32064 rows, 32002 tokens); such ids have no text.
-        delta = self._decoders[seq.request_id].feed(tok) if tok < self.tokenizer.vocab_size else ""
-        seq.text += delta
-        reason, hits_stop_string = None, False
-        if tok in seq.eos_ids or tok in seq.params.stop_token_ids:
-            reason = "stop"
-        elif seq.params.stop:
-            # Only the tail can hold a new match: the longest stop string plus this step's text.
-            tail_from = max(0, len(seq.text) - len(delta) - max(map(len, seq.params.stop)))
-            hits = [i for i in (seq.text.find(s, tail_from) for s in seq.params.stop) if i >= 0]
-            if hits:
-                seq.text, reason, hits_stop_string = seq.text[:min(hits)], "stop", True
+        text = self._texts[seq.request_id]
+        hit_stop_string = text.append(seq, tok)
+        reason = "stop" if hit_stop_string or tok in seq.eos_ids or tok in seq.params.stop_token_ids else None
         if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
                                or seq.prompt_len + len(seq.output_ids) >= self.max_model_len):
             reason = "length"
         if reason is None:
             return
-        if not hits_stop_string:
-            seq.text += self._decoders[seq.request_id].flush()
+        if not hit_stop_string:
+            text.flush(seq)
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        sent, visible = self._sent[seq.request_id], len(seq.text)
-        if not seq.is_finished and seq.params.stop:
-            # Hold back what could still turn out to be the start of a stop string.
-            visible = max(sent, visible - max(map(len, seq.params.stop)) + 1)
-        self._sent[seq.request_id] = visible
+    def _output(self, seq: Sequence, delta: str = "") -> RequestOutput:
+        blocks_now = self.cache.blocks_held(seq.seat) if seq.seat is not None else 0
         return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason,
                              list(seq.logprobs) if seq.params.logprobs is not None else None,
-                             self._stats(seq), delta=seq.text[sent:visible])
-
-    def _stats(self, seq: Sequence) -> dict:
-        end = seq.finish_time or time.perf_counter()
-        gaps = [b - a for a, b in zip(seq.token_times, seq.token_times[1:])]
-        return {
-            "prompt_tokens": seq.prompt_len, "visual_tokens": seq.num_visual,
-            "text_prompt_tokens": seq.prompt_len - seq.num_visual, "generated_tokens": len(seq.output_ids),
-            "ttft_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
-            "e2e_s": end - seq.arrival_time, "tpot_s": sum(gaps) / len(gaps) if gaps else None, "itl_s": gaps,
-            "kv_peak_blocks": seq.kv_peak_blocks,
-            "kv_blocks_final": seq.kv_blocks_final if seq.is_finished else self.cache.blocks_held(seq.seat)
-            if seq.seat is not None else 0,
-            "visual_tokens_per_layer": list(seq.visual_per_layer), "preemptions": seq.num_preemptions,
-            "policy": self.policy.name,
-        }
+                             request_stats(seq, blocks_now, self.policy.name), delta=delta)
 
     # ---- convenience ------------------------------------------------------------------------
     def generate(self, requests: dict | list, params: SamplingParams | list | None = None) -> list[RequestOutput]:
@@ -267,6 +225,7 @@ class LLM:
         for r, p in zip(reqs, plist):
             try:
                 ids.append(self.add_request(r, p))
+                self._owned.add(ids[-1])
             except RequestError as e:
                 if single:
                     raise
@@ -282,6 +241,7 @@ class LLM:
     def stream(self, request: dict | str, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield outputs for one request as its text grows (deltas never split a character)."""
         rid = self.add_request(request, params)
+        self._owned.add(rid)
         try:
             while not self._seqs[rid].is_finished:
                 for out in self.step():
@@ -294,11 +254,13 @@ class LLM:
             self._pop(rid)
 
     def _pop(self, rid: str) -> RequestOutput:
-        seq = self._seqs[rid]
-        out = RequestOutput(rid, seq.text, list(seq.output_ids), seq.finish_reason,
-                            list(seq.logprobs) if seq.params.logprobs is not None else None, self._stats(seq))
-        del self._seqs[rid], self._decoders[rid], self._sent[rid]
+        out = self._output(self._seqs[rid])
+        self._forget(rid)
         return out
+
+    def _forget(self, rid: str) -> None:
+        del self._seqs[rid], self._texts[rid]
+        self._owned.discard(rid)
 
     def kv_stats(self) -> dict:
         """Pool occupancy in blocks (a block = block_size tokens of one layer)."""

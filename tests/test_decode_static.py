@@ -35,13 +35,14 @@ def _run(model_dir, kind, params, pad: bool, max_num_seqs=6):
     llm.runner.pad_batches = pad
     reqs, sp = _requests()
     # Stagger arrivals: two requests first, the rest join after a few steps.
-    ids = [llm.add_request(r, p) for r, p in zip(reqs[:2], sp[:2])]
+    ids, done = [llm.add_request(r, p) for r, p in zip(reqs[:2], sp[:2])], {}
     for _ in range(3):
-        llm.step()
+        done.update({o.request_id: o for o in llm.step() if o.finished})
     ids += [llm.add_request(r, p) for r, p in zip(reqs[2:], sp[2:])]
     while llm.has_unfinished():
-        llm.step()
-    outs = [llm._pop(i) for i in ids]
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+    outs = [done[i] for i in ids]
+    assert not llm._seqs  # finished requests are not kept around
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
     return outs
 

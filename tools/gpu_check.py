@@ -112,14 +112,13 @@ def staggered(llm: LLM) -> list[list[int]]:
     """Requests that arrive over time and finish at different steps, so batches shrink and grow."""
     reqs = requests() * 3
     sp = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 5, 33, 9, 14, 40, 3, 25, 17)]
-    ids = [llm.add_request(r, p) for r, p in zip(reqs[:3], sp[:3])]
-    steps = 0
+    ids, done, steps = [llm.add_request(r, p) for r, p in zip(reqs[:3], sp[:3])], {}, 0
     while llm.has_unfinished() or len(ids) < len(reqs):
         if steps % 4 == 3 and len(ids) < len(reqs):
             ids.append(llm.add_request(reqs[len(ids)], sp[len(ids)]))
-        llm.step()
+        done.update({o.request_id: o.token_ids for o in llm.step() if o.finished})
         steps += 1
-    return [llm._pop(i).token_ids for i in ids]
+    return [done[i] for i in ids]
 
 
 @check("CUDA-graph replay equals eager, every policy")
@@ -194,8 +193,6 @@ def bench(work: Path, layers: int) -> dict:
                     steps += 1
                 torch.cuda.synchronize()
                 ms = 1000 * (time.perf_counter() - t0) / steps
-                for i in ids:
-                    llm._pop(i)
             out[f"engine {label} bs{batch} ms/step"] = round(ms, 3)
         weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
                            if "embed_tokens" not in n)

@@ -1,0 +1,76 @@
+"""What a request gives back: RequestOutput, its stats, and the incremental text with stop strings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from models.tokenizer import Tokenizer
+
+from .sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far (or in full once `finished`)."""
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+    stats: dict = field(default_factory=dict)
+    delta: str = ""            # text added since the previous output of this request (streaming)
+    error: str | None = None   # set when finish_reason == "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def request_stats(seq: Sequence, blocks_now: int, policy: str) -> dict:
+    """Token counts, latencies and KV figures of one request."""
+    end = seq.finish_time or time.perf_counter()
+    gaps = [b - a for a, b in zip(seq.token_times, seq.token_times[1:])]
+    return {
+        "prompt_tokens": seq.prompt_len, "visual_tokens": seq.num_visual,
+        "text_prompt_tokens": seq.prompt_len - seq.num_visual, "generated_tokens": len(seq.output_ids),
+        "ttft_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+        "e2e_s": end - seq.arrival_time, "tpot_s": sum(gaps) / len(gaps) if gaps else None, "itl_s": gaps,
+        "kv_peak_blocks": seq.kv_peak_blocks,
+        "kv_blocks_final": seq.kv_blocks_final if seq.is_finished else blocks_now,
+        "visual_tokens_per_layer": list(seq.visual_per_layer), "preemptions": seq.num_preemptions,
+        "policy": policy,
+    }
+
+
+class TextState:
+    """A request's detokenized text: grows a token at a time, finds stop strings, never splits a character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.decoder = tokenizer.stream_decoder()
+        self.vocab_size = tokenizer.vocab_size
+        self.sent = 0
+
+    def append(self, seq: Sequence, tok: int) -> bool:
+        """Add a token's text to seq.text; True if a stop string now ends it (text cut before it)."""
+        # lm_head is often padded past the tokenizer (llava-hf: 32064 rows, 32002 tokens): no text for those.
+        delta = self.decoder.feed(tok) if tok < self.vocab_size else ""
+        seq.text += delta
+        if not seq.params.stop:
+            return False
+        # Only the tail can hold a new match: the longest stop string plus this step's text.
+        tail_from = max(0, len(seq.text) - len(delta) - max(map(len, seq.params.stop)))
+        hits = [i for i in (seq.text.find(s, tail_from) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+        return bool(hits)
+
+    def flush(self, seq: Sequence) -> None:
+        seq.text += self.decoder.flush()
+
+    def delta(self, seq: Sequence) -> str:
+        """Text not yet handed out, holding back what could still start a stop string."""
+        visible = len(seq.text)
+        if not seq.is_finished and seq.params.stop:
+            visible = max(self.sent, visible - max(map(len, seq.params.stop)) + 1)
+        out, self.sent = seq.text[self.sent:visible], visible
+        return out
