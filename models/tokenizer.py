@@ -2,19 +2,24 @@
 
 Added tokens such as <image> and <pad> always map to a single id. Decoding follows the LLaMA
 decoder chain (▁ -> space, byte fallback, strip one leading space), and `IncrementalDecoder`
-streams text without ever emitting half of a multi-byte character.
+(models/stream_decode.py) streams text without ever emitting half of a multi-byte character.
+This file holds the shared base and the tokenizer.json backend; the sentencepiece backend is
+models/sp_tokenizer.py, imported only when a directory has no tokenizer.json.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-import re
 from pathlib import Path
+
+# Re-exported: callers import IncrementalDecoder and REPLACEMENT_CHAR from here.
+from models.stream_decode import REPLACEMENT_CHAR, IncrementalDecoder
+
+__all__ = ["IMAGE_TOKEN", "REPLACEMENT_CHAR", "SPIECE_UNDERLINE", "IncrementalDecoder", "Tokenizer", "TokenizerError"]
 
 IMAGE_TOKEN = "<image>"
 SPIECE_UNDERLINE = "▁"
-REPLACEMENT_CHAR = "\ufffd"
 
 
 class TokenizerError(ValueError):
@@ -65,6 +70,9 @@ class Tokenizer:
         if (d / "tokenizer.json").is_file():
             tok = _JsonTokenizer(d, config, special_map)
         elif (d / "tokenizer.model").is_file():
+            # Imported here: models.sp_tokenizer subclasses Tokenizer, so a top-level import would be circular.
+            from models.sp_tokenizer import _SentencePieceTokenizer
+
             tok = _SentencePieceTokenizer(d, config, special_map)
         else:
             raise TokenizerError(f"{d}: no tokenizer.json or tokenizer.model found")
@@ -203,218 +211,3 @@ class _JsonTokenizer(Tokenizer):
             # Also drop config-named specials (e.g. a <pad> not flagged special in tokenizer.json).
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-class _SentencePieceTokenizer(Tokenizer):
-    """tokenizer.model through `sentencepiece`, matching transformers' slow LlamaTokenizer.
-
-    Added tokens are split out of the text first; each text chunk in between is encoded on its
-    own. With legacy=True (the default) every chunk gets sentencepiece's dummy "▁" prefix, so
-    "<image>\\nWhat" encodes as <image>, ▁, <0x0A>, ... as in LLaVA-1.5 training; with
-    legacy=False only a chunk at the very start of the text gets it.
-    """
-
-    def __init__(self, d: Path, config: dict, special_map: dict):
-        import sentencepiece as spm
-
-        path = d / "tokenizer.model"
-        try:
-            proto = path.read_bytes()
-            self._sp = spm.SentencePieceProcessor(model_proto=proto)
-            # Same model with normalizer_spec.add_dummy_prefix=false: a repeated occurrence of an
-            # embedded protobuf message merges into the first one, so no protobuf dependency is needed.
-            self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto + b"\x1a\x02\x18\x00")
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
-            raise TokenizerError(f"{path}: cannot load sentencepiece model ({e})") from e
-        sp = self._sp
-        self._base = sp.get_piece_size()
-        # Models trained without add_dummy_prefix must not lose a real leading space on decode.
-        self._dummy_prefix = sp.encode("x", out_type=str)[0].startswith(SPIECE_UNDERLINE)
-        self._legacy = bool(config.get("legacy", True))
-        self._add_bos = bool(config.get("add_bos_token", True))
-        self._add_eos = bool(config.get("add_eos_token", False))
-
-        # content -> (id, lstrip, rstrip, special) for every token split out of the text.
-        self._added: dict[str, tuple[int, bool, bool, bool]] = {}
-
-        def add(content: str, token_id: int | None, where: str, lstrip=False, rstrip=False, special=True) -> None:
-            if token_id is None:
-                token_id = self._added[content][0] if content in self._added else self._piece_id(content)
-                if token_id is None:
-                    raise TokenizerError(f"{where}: token {content!r} is neither a piece of {path} nor an added token")
-            if token_id < 0 or (token_id < self._base and sp.id_to_piece(token_id) != content):
-                raise TokenizerError(f"{where}: id {token_id} for {content!r} clashes with piece "
-                                     f"{sp.id_to_piece(token_id) if token_id >= 0 else None!r} of {path}")
-            prev = self._added.get(content)
-            if prev is not None and prev[0] != token_id:
-                raise TokenizerError(f"{where}: {content!r} has id {token_id} but id {prev[0]} elsewhere")
-            self._added[content] = (token_id, lstrip, rstrip, special)
-
-        for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-            where = f"{d / 'tokenizer_config.json'}: added_tokens_decoder[{token_id}]"
-            try:
-                token_id = int(token_id)
-            except ValueError:
-                raise TokenizerError(f"{where}: id is not an integer") from None
-            e = entry if isinstance(entry, dict) else {}
-            add(_content(entry, where), token_id, where, bool(e.get("lstrip")), bool(e.get("rstrip")),
-                bool(e.get("special", True)))
-        added_json = _read_json(d / "added_tokens.json")
-        for content, token_id in added_json.items():
-            where = f"{d / 'added_tokens.json'}: {content!r}"
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                raise TokenizerError(f"{where}: id must be an int, got {token_id!r}")
-            if content not in self._added:
-                add(content, token_id, where)
-            elif self._added[content][0] != token_id:
-                raise TokenizerError(f"{where}: id {token_id} disagrees with tokenizer_config.json")
-        for source, name in ((config, "tokenizer_config.json"), (special_map, "special_tokens_map.json")):
-            for field in ("bos_token", "eos_token", "unk_token", "pad_token"):
-                content = _content(source.get(field), f"{d / name}: {field}")
-                if content is not None and content not in self._added:
-                    add(content, None, f"{d / name}: {field}")
-            for key in ("additional_special_tokens", "extra_special_tokens"):  # the latter is the v5 name
-                extra = source.get(key) or []
-                for i, value in enumerate(extra.values() if isinstance(extra, dict) else extra):
-                    where = f"{d / name}: {key}[{i}]"
-                    content = _content(value, where)
-                    if content not in self._added:
-                        add(content, None, where)
-        # sentencepiece's own <unk>/<s>/</s> are split out of the text even without any config.
-        for i in (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()):
-            if 0 <= i < self._base and sp.id_to_piece(i) not in self._added:
-                add(sp.id_to_piece(i), i, str(path))
-
-        self._id_to_added = {v[0]: c for c, v in self._added.items()}
-        ids = sorted(self._id_to_added)
-        self.vocab_size = max([self._base - 1, *ids]) + 1
-        # Longest first, so the regex alternation prefers "<image>" over a shorter token it contains.
-        names = sorted(self._added, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-
-    def _piece_id(self, piece: str) -> int | None:
-        i = self._sp.piece_to_id(piece)
-        return i if self._sp.id_to_piece(i) == piece else None
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._added[token][0] if token in self._added else self._piece_id(token)
-
-    def _special_added_ids(self) -> set[int]:
-        return {v[0] for v in self._added.values() if v[3]}
-
-    def byte_value(self, token_id: int) -> int | None:
-        if 0 <= token_id < self._base and self._sp.is_byte(token_id):
-            return int(self._sp.id_to_piece(token_id)[3:5], 16)
-        return None
-
-    def _encode(self, text: str) -> list[int]:
-        parts = self._split.split(text) if self._split else [text]
-        # parts alternates text, token, text, ...; honour lstrip/rstrip like transformers does.
-        for i in range(1, len(parts), 2):
-            _, lstrip, rstrip, _ = self._added[parts[i]]
-            if lstrip:
-                parts[i - 1] = parts[i - 1].rstrip()
-            if rstrip:
-                parts[i + 1] = parts[i + 1].lstrip()
-        ids = [self.bos_token_id] if self._add_bos and self.bos_token_id is not None else []
-        for i, part in enumerate(parts):
-            if i % 2:
-                ids.append(self._added[part][0])
-            elif part:
-                sp = self._sp if self._legacy or i == 0 else self._sp_no_prefix
-                ids += sp.encode(part)
-        if self._add_eos and self.eos_token_id is not None:
-            ids.append(self.eos_token_id)
-        return ids
-
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        # Same chain as the LLaMA tokenizer.json decoder: ▁ -> " ", byte fallback (a run of
-        # <0x..> pieces that is not valid UTF-8 becomes one U+FFFD per byte), strip one space.
-        sp, out, run = self._sp, [], bytearray()
-        for i in ids:
-            if skip_special_tokens and i in self.special_ids:
-                continue
-            b = self.byte_value(i)
-            if b is not None:
-                run.append(b)
-                continue
-            if run:
-                out.append(_bytes_to_text(run))
-                run.clear()
-            if i in self._id_to_added:
-                out.append(self._id_to_added[i])
-            elif i >= self._base:
-                raise TokenizerError(f"decode: token id {i} is in no piece and no added token")
-            else:
-                out.append(sp.id_to_piece(i).replace(SPIECE_UNDERLINE, " "))
-        if run:
-            out.append(_bytes_to_text(run))
-        text = "".join(out)
-        return text[1:] if self._dummy_prefix and text.startswith(" ") else text
-
-
-def _bytes_to_text(run: bytes) -> str:
-    try:
-        return run.decode("utf-8")
-    except UnicodeDecodeError:
-        return REPLACEMENT_CHAR * len(run)
-
-
-class IncrementalDecoder:
-    """Streams text deltas for generated ids; the deltas (plus flush()) join to decode(all ids).
-
-    Each step decodes a short window from `prefix_offset` twice, without and with the unread
-    tokens, and emits the difference. Decoding both from the same start keeps SentencePiece's
-    leading-space handling consistent, and text ending in U+FFFD (an unfinished UTF-8 character
-    from byte-fallback tokens) is held back until the character completes.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # start of the decode window
-        self.read_offset = 0  # ids before this have been emitted
-
-    def _window(self, end: int | None) -> str:
-        return self.tokenizer.decode(self.ids[self.prefix_offset:end], self.skip_special_tokens)
-
-    def feed(self, token_id: int) -> str:
-        """Add one generated id; return the newly completed text (possibly '')."""
-        if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
-            return ""  # dropping them here keeps a skipped token from ever starting a window
-        self.ids.append(token_id)
-        try:
-            return self._emit(force=False)
-        except ValueError:
-            self.ids.pop()  # a bad id must not poison the stream
-            raise
-
-    def _emit(self, force: bool) -> str:
-        prefix = self._window(self.read_offset)
-        text = self._window(None)
-        if not force and (len(text) <= len(prefix) or text.endswith(REPLACEMENT_CHAR) and self._unfinished_char()):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(prefix):]
-
-    def _unfinished_char(self) -> bool:
-        """Do the trailing byte-fallback tokens form a valid but incomplete UTF-8 character?"""
-        tail = []
-        for i in reversed(self.ids[-4:]):  # a UTF-8 character is at most 4 bytes
-            b = self.tokenizer.byte_value(i)
-            if b is None:
-                break
-            tail.append(b)
-        tail.reverse()
-        for k in range(len(tail) - 1, -1, -1):
-            b = tail[k]
-            if b & 0xC0 == 0x80:
-                continue  # continuation byte: keep looking for the lead byte
-            need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
-            return len(tail) - k < need
-        return False  # no lead byte in reach: invalid bytes, their U+FFFD is final
-
-    def flush(self) -> str:
-        """Text still held back (an unfinished character at the end of the stream)."""
-        return self._emit(force=True) if self.read_offset < len(self.ids) else ""
