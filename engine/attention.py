@@ -37,10 +37,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
     return torch.cat(outs), scores
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[B, W] block ids -> [B, Hkv, W*block_size, D] keys or values, in entry order."""
-    b, w = block_tables.shape
-    slots = (block_tables[:, :, None] * block_size + torch.arange(block_size, device=block_tables.device)).view(b, -1)
+def entry_slots(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, W] block ids -> [B, W*block_size] slot ids, in entry order."""
+    b, _ = block_tables.shape
+    offsets = torch.arange(block_size, device=block_tables.device)
+    return (block_tables[:, :, None] * block_size + offsets).view(b, -1)
+
+
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[B, T] slots -> [B, Hkv, T, D] keys or values."""
     return cache[slots].transpose(1, 2)
 
 

@@ -9,7 +9,7 @@ from cache.layered import LayeredKVCache
 from models.llava import LlavaForConditionalGeneration
 from scheduler.policy import Full, keep_top
 
-from .attention import decode_attention, gather_kv, prefill_attention
+from .attention import decode_attention, entry_slots, gather_kv, prefill_attention
 from .triton_attention import paged_decode_attention, pick_backend
 from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets
 from .sequence import Sequence
@@ -121,7 +121,7 @@ class ModelRunner:
         lens = torch.randint(1, w * bs + 1, (b, 1), device=dev, generator=g)
         q = torch.randn(b, t.num_attention_heads, t.head_dim, device=dev, generator=g).to(k.dtype)
         gather = lambda q, k, v, tb, ln: decode_attention(  # noqa: E731
-            q, gather_kv(k, tb[:, 0], bs), gather_kv(v, tb[:, 0], bs), ln[:, 0], False)[0]
+            q, gather_kv(k, entry_slots(tb[:, 0], bs)), gather_kv(v, entry_slots(tb[:, 0], bs)), ln[:, 0], False)[0]
         paged = lambda q, k, v, tb, ln: paged_decode_attention(q, k, v, tb, ln, 0, bs)  # noqa: E731
         atol = 1e-4 if k.dtype == torch.float32 else 2e-2
         return pick_backend(gather, paged, (q, k, v, tables, lens), atol)
@@ -135,7 +135,8 @@ class ModelRunner:
         lens = self.cache.lens[seats]                                          # [B, L]
         tokens, positions = zip(*(s.next_input() for s in seqs))
         # Graphs (and the `padded` mode that reproduces their inputs eagerly, for tests) run a bucket
-        # of rows over full-width tables; plain eager runs gather only the blocks the batch needs.
+        # of rows over full-width tables; plain eager runs gather, layer by layer, only the blocks
+        # that layer holds: under ST3 deep layers are a fraction of the first ones.
         static = self.graphs is not None or self.pad_batches
         rows = min(b for b in self.buckets if b >= n) if static else n
         width = self.cache.max_blocks if static else -(-int(lens.max()) // self.cache.block_size)
@@ -145,16 +146,20 @@ class ModelRunner:
             logits, scores = self.graphs.replay(rows)
         else:
             score_width = self.score_width if static else max(s.num_visual for s in seqs) + 1
+            layer_widths = None if static else (-(-lens.max(0).values // self.cache.block_size)).tolist()
             logits, scores = self.decode_forward(*self.buffers.view(rows, width), self.decode_score_layers,
-                                                 score_width)
+                                                 score_width, layer_widths)
         has_scores = bool(self.decode_score_layers)
         return logits[:n], [scores[b, :, :s.num_visual].clone() if has_scores else None
                             for b, s in enumerate(seqs)]
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: list[int],
-                       score_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step proper: tensors in, tensors out, no host synchronisation (graph-capturable)."""
+                       score_width: int, layer_widths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step proper: tensors in, tensors out, no host synchronisation (graph-capturable).
+
+        `layer_widths` (eager only) trims each layer's block tables to the blocks it really uses.
+        """
         pool, bs = self.pool, self.cache.block_size
         h = self.lm.model.embed_tokens(input_ids)
         cos, sin = self.lm.model.rotary_emb(positions, h.dtype)
@@ -168,11 +173,12 @@ class ModelRunner:
                 want = l in score_layers
                 if self.use_triton and not want:
                     return paged_decode_attention(q, pool.k, pool.v, block_tables, context_lens, l, bs)
-                k_all = gather_kv(pool.k, block_tables[:, l], bs)
-                v_all = gather_kv(pool.v, block_tables[:, l], bs)
+                tables = block_tables[:, l] if layer_widths is None else block_tables[:, l, :layer_widths[l]]
+                slots_all = entry_slots(tables, bs)
+                k_all, v_all = gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all)
                 out, sc = decode_attention(q, k_all, v_all, context_lens[:, l], want)
                 if want:
-                    vis = gather_kv(pool.visual_index[:, None, None], block_tables[:, l], bs)[:, 0, :, 0]
+                    vis = pool.visual_index[slots_all]
                     valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < context_lens[:, l, None]
                     idx = torch.where(valid & (vis >= 0), vis.long(), sink)  # padding may hold stale ids
                     scores[:, score_layers.index(l)].scatter_(1, idx, sc)

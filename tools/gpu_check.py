@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.attention import decode_attention, gather_kv  # noqa: E402
+from engine.attention import decode_attention, entry_slots, gather_kv  # noqa: E402
 from tools.make_tiny_model import make_tiny_model  # noqa: E402
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 4}),
@@ -149,8 +149,8 @@ def triton_kernel(model_dir: Path) -> dict:
         lens = torch.randint(1, w * bs + 1, (b, 2), device="cuda")
         q = torch.randn(b, h, d, device="cuda", dtype=dtype)
         for layer in (0, 1):
-            ref = decode_attention(q, gather_kv(k, tables[:, layer], bs), gather_kv(v, tables[:, layer], bs),
-                                   lens[:, layer], False)[0]
+            slots = entry_slots(tables[:, layer], bs)
+            ref = decode_attention(q, gather_kv(k, slots), gather_kv(v, slots), lens[:, layer], False)[0]
             got = paged_decode_attention(q, k, v, tables, lens, layer, bs)
             diff = (ref.float() - got.float()).abs().max().item()
             assert diff < (1e-4 if dtype == torch.float32 else 2e-2), f"{dtype}: {diff}"

@@ -1,0 +1,206 @@
+"""tools.bench on the tiny random-weight preset: every policy (and hf), the JSON report, argument errors."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import bench
+from tools.bench_report import percentile
+from tools.bench_workload import parse_len_range
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FIELDS = ["policy", "output_tok_per_s", "req_per_s", "total_tok_per_s",
+              *[f"{m}_{p}_s" for m in ("ttft", "tpot", "itl", "e2e") for p in ("p50", "p90", "p99", "mean")],
+              "kv_peak_blocks", "kv_peak_bytes", "visual_tokens_kept_mean", "visual_tokens_per_layer",
+              "peak_running", "num_requests", "output_tokens", "text_input_tokens", "visual_input_tokens",
+              "preemptions", "duration_s", "timeline", "images_per_s", "mean_running",
+              "kv_read_per_decode_step_bytes_est", "requests"]
+COMMON = ["--preset", "tiny", "--seed", "3", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # Presets go to a throwaway cache; the tiny one takes about a second to write.
+    d = os.environ.get("ST3_BENCH_TEST_CACHE") or str(tmp_path_factory.mktemp("st3cache"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(cache_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "all.json"
+    rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "4", "--output-len", "4:8",
+                              "--policies", "full,fastv,pvtp,st3,hf", "--json", str(path)])
+    assert rc == 0
+    return json.loads(path.read_text())
+
+
+def _has_transformers() -> bool:
+    try:
+        from transformers import LlavaForConditionalGeneration  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def test_every_policy_runs_with_all_fields(report):
+    policies = [r["policy"] for r in report["runs"]]
+    expected = ["full", "fastv", "pvtp", "st3"] + (["hf"] if _has_transformers() else [])
+    assert policies == expected
+    for run in report["runs"]:
+        missing = [f for f in RUN_FIELDS if f not in run]
+        assert not missing, (run["policy"], missing)
+        assert run["num_requests"] == 4
+        assert run["duration_s"] > 0 and run["output_tok_per_s"] > 0 and run["req_per_s"] > 0
+    cfg = report["config"]
+    assert cfg["random_weights"] and cfg["output_len"] == [4, 8] and cfg["num_requests"] == 4
+    assert "engine_version" in cfg and cfg["torch_threads"] == 1
+    assert all("load_avg_1m_start" in run and "load_avg_1m_end" in run for run in report["runs"])
+
+
+def test_counts_add_up_and_match_across_policies(report):
+    runs = report["runs"]
+    for run in runs:
+        reqs = run["requests"]
+        assert len(reqs) == run["num_requests"]
+        assert run["output_tokens"] == sum(r["generated_tokens"] for r in reqs) == \
+            sum(r["num_token_ids"] for r in reqs) == run["output_token_ids"]
+        assert all(4 <= r["generated_tokens"] <= 8 for r in reqs)   # ignore_eos: exactly the drawn length
+        assert run["text_input_tokens"] == sum(r["text_prompt_tokens"] for r in reqs)
+        assert run["visual_input_tokens"] == sum(r["visual_tokens"] for r in reqs) == 4 * 64
+        assert all(r["prompt_tokens"] == r["text_prompt_tokens"] + r["visual_tokens"] for r in reqs)
+        assert len(run["visual_tokens_per_layer"]) == 8
+    # Same workload for every policy: identical token counts everywhere.
+    for key in ("output_tokens", "text_input_tokens", "visual_input_tokens"):
+        assert len({run[key] for run in runs}) == 1, key
+    full = runs[0]
+    assert full["visual_tokens_kept_mean"] == 64 and full["same_tokens_as_full"] == 1.0
+    for run in runs[1:4]:
+        assert run["visual_tokens_kept_mean"] < 64, run["policy"]   # the pruning policies prune
+
+
+def test_percentiles_ordered_and_kv_within_pool(report):
+    for run in report["runs"]:
+        for m in ("ttft", "tpot", "itl", "e2e"):
+            p50, p90, p99 = (run[f"{m}_{p}_s"] for p in ("p50", "p90", "p99"))
+            assert p50 is not None and 0 <= p50 <= p90 <= p99, (run["policy"], m)
+        assert run["ttft_p50_s"] <= run["e2e_p50_s"] + 1e-9
+        if run["policy"] == "hf":
+            assert run["peak_running"] == 1
+            continue
+        assert 0 < run["kv_peak_blocks"] <= run["kv_total_blocks"]
+        assert run["kv_peak_bytes"] == run["kv_peak_blocks"] * run["kv_bytes_per_block"]
+        assert run["timeline"] and all(len(row) == 3 for row in run["timeline"])
+        assert all(0 <= row[1] <= run["kv_total_blocks"] for row in run["timeline"])
+        assert max(row[2] for row in run["timeline"]) == run["peak_running"] >= 1
+        times = [row[0] for row in run["timeline"]]
+        assert times == sorted(times)
+
+
+def test_hf_agrees_with_full(report):
+    """Greedy fp32 on the same weights: the transformers baseline must produce the engine's tokens."""
+    hf = [r for r in report["runs"] if r["policy"] == "hf"]
+    if not hf:
+        pytest.skip("transformers not installed")
+    assert hf[0]["same_tokens_as_full"] == 1.0
+
+
+def test_tight_pool_st3_runs_more_at_once(cache_dir, tmp_path):
+    path = tmp_path / "tight.json"
+    # A tiny request holds ~56 blocks under full (8 layers x 7 blocks): 140 blocks admit two of them.
+    rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "6", "--output-len", "6",
+                              "--policies", "full,st3", "--num-kv-blocks", "140", "--no-progress",
+                              "--json", str(path)])
+    assert rc == 0
+    full, st3 = json.loads(path.read_text())["runs"]
+    assert full["kv_total_blocks"] == st3["kv_total_blocks"] == 140
+    assert full["kv_peak_blocks"] <= 140 and st3["kv_peak_blocks"] <= 140
+    assert st3["peak_running"] >= full["peak_running"]
+    assert st3["peak_running"] > full["peak_running"] or st3["kv_peak_blocks"] < full["kv_peak_blocks"]
+    assert full["output_tokens"] == st3["output_tokens"] == 36
+
+
+def test_image_dir_and_poisson_arrivals(cache_dir, tmp_path):
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, size in enumerate([(40, 30), (20, 70)]):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(imgs / f"{i}.png")
+    (imgs / "notes.txt").write_text("not an image")
+    path = tmp_path / "dir.json"
+    rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "3", "--output-len", "2",
+                              "--policies", "full", "--image-dir", str(imgs), "--request-rate", "20",
+                              "--no-progress", "--json", str(path), "--plot", str(tmp_path / "p.png")])
+    assert rc == 0
+    data = json.loads(path.read_text())
+    assert data["config"]["request_rate"] == 20 and data["config"]["image_dir"] == str(imgs)
+    run = data["runs"][0]
+    assert run["images"] == 3 and run["output_tokens"] == 6
+    assert all(r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"] for r in run["requests"])
+    assert 0 < run["mean_running"] <= run["peak_running"]
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "p.png").stat().st_size > 0
+    except ImportError:
+        assert not (tmp_path / "p.png").exists()   # a message instead, and the run still succeeded
+
+
+def test_bad_policy_exits_2_via_subprocess(cache_dir):
+    p = subprocess.run([sys.executable, "-m", "tools.bench", "--cache-dir", cache_dir, "--policies", "full,nope"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--output-len", "8:4"], "--output-len"),
+    (["--output-len", "x"], "--output-len"),
+    (["--request-rate", "0"], "--request-rate"),
+    (["--num-requests", "0"], "--num-requests"),
+    (["--model", "/nonexistent/model/dir"], "nonexistent"),
+    (["--preset", "tiny", "--image-dir", "/nonexistent/images"], "image-dir"),
+    (["--preset", "tiny", "--fastv-layer", "99", "--policies", "fastv"], "layer"),
+    (["--preset", "tiny", "--anneal-floor", "2", "--policies", "st3"], "anneal_floor"),
+])
+def test_bad_arguments_exit_2(cache_dir, capsys, argv, needle):
+    assert bench.main(["--cache-dir", cache_dir] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and needle in err[-1]
+
+
+def test_parse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "no-such-preset"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--request-rate", "fast"])
+    assert e.value.code == 2
+
+
+def test_percentile_matches_numpy_linear():
+    rng = random.Random(0)
+    np = pytest.importorskip("numpy")
+    for n in (1, 2, 3, 7, 50):
+        xs = [rng.uniform(-5, 5) for _ in range(n)]
+        for q in (0, 1, 25, 50, 90, 99, 100):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
+    assert percentile([], 50) is None
+
+
+def test_len_range():
+    assert parse_len_range("64", "x") == (64, 64)
+    assert parse_len_range("4:8", "x") == (4, 8)
+    for bad in ("0", "8:4", "1:2:3", "a", "-1:3"):
+        with pytest.raises(ValueError):
+            parse_len_range(bad, "x")
+
+
+def test_help_says_weights_are_random():
+    text = bench.build_parser().format_help()
+    assert "RANDOM weights" in text and "cpu-32l" in text and "llava-1.5-7b-4l" in text
