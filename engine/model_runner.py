@@ -75,8 +75,9 @@ class ModelRunner:
             captured: list = []
 
             def attend(_, q, k, v, slots=slots, seq_lens=seq_lens, want=want, captured=captured):
-                self.pool.k[slots], self.pool.v[slots] = k, v
-                self.pool.visual_index[slots] = vis.to(torch.int32)
+                self.pool.k.index_copy_(0, slots, k)
+                self.pool.v.index_copy_(0, slots, v)
+                self.pool.visual_index.index_copy_(0, slots, vis.to(torch.int32))
                 out, sc = prefill_attention(q, k, v, seq_lens, want)
                 captured.append(sc)
                 return out
@@ -168,8 +169,9 @@ class ModelRunner:
         for layer in self.layers:
             def attend(l, q, k, v):
                 slots = slot_mapping[l]
-                pool.k[slots], pool.v[slots] = k, v
-                pool.visual_index[slots] = -1
+                pool.k.index_copy_(0, slots, k)
+                pool.v.index_copy_(0, slots, v)
+                pool.visual_index.index_fill_(0, slots, -1)
                 want = l in score_layers
                 if self.use_triton and not want:
                     return paged_decode_attention(q, pool.k, pool.v, block_tables, context_lens, l, bs)
@@ -178,7 +180,7 @@ class ModelRunner:
                 k_all, v_all = gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all)
                 out, sc = decode_attention(q, k_all, v_all, context_lens[:, l], want)
                 if want:
-                    vis = pool.visual_index[slots_all]
+                    vis = pool.visual_index.index_select(0, slots_all.reshape(-1)).view_as(slots_all)
                     valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < context_lens[:, l, None]
                     idx = torch.where(valid & (vis >= 0), vis.long(), sink)  # padding may hold stale ids
                     scores[:, score_layers.index(l)].scatter_(1, idx, sc)
