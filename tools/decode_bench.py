@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
+from engine.config import DTYPES
 from tools.make_tiny_model import make_tiny_model
 
 
@@ -61,13 +62,17 @@ def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def hf_step_ms(path: Path, llm: LLM, tokens: int) -> float | None:
-    """transformers' generate at batch 1: (time for N tokens - time for 1) / (N - 1)."""
+def load_hf(path: Path):
+    """transformers' LLaVA on the same weights, fp32, or None where transformers is not installed."""
     try:
         from transformers import LlavaForConditionalGeneration
     except ImportError:
         return None
-    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_step_ms(hf, llm: LLM, tokens: int) -> float:
+    """transformers' generate at batch 1: (time for N tokens - time for 1) / (N - 1)."""
     p = llm.processor.process({"prompt": llm.tokenizer.chat_prompt("Describe the picture.", 1),
                                "image": Image.new("RGB", (336, 336), (120, 80, 200))})
     ids = torch.tensor([p.prompt_ids])
@@ -95,27 +100,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (batch 1, fp32)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     args = ap.parse_args(argv)
     path = model_dir(args)
-    bw = read_bandwidth()
-    rows = []
+    batches = list(map(int, args.batch.split(",")))
+    engines = {}
     for dtype in args.dtypes.split(","):
         for policy in args.policies.split(","):
-            llm = LLM(path, policy=policy, dtype=dtype, max_num_seqs=max(map(int, args.batch.split(","))),
-                      num_kv_blocks=20000)
-            text = llm.model.language_model
-            weight_bytes = sum(p.numel() * p.element_size() for n, p in text.named_parameters()
-                               if "embed_tokens" not in n)
+            llm = LLM(path, policy=policy, dtype=dtype, max_num_seqs=max(batches), num_kv_blocks=20000)
             engine_step_ms(llm, 1, 4)  # warm-up
-            for b in map(int, args.batch.split(",")):
-                rows.append((f"engine {policy} {dtype}", b, engine_step_ms(llm, b, args.tokens),
-                             1000 * weight_bytes / bw))
-            if args.hf and policy == "full" and dtype == "float32":
-                ms = hf_step_ms(path, llm, args.tokens)
-                if ms is not None:
-                    rows.append(("transformers generate float32", 1, ms, 1000 * weight_bytes / bw))
-            del llm
-    print(f"read bandwidth {bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}")
+            engines[f"engine {policy} {dtype}"] = llm
+    text = next(iter(engines.values())).model.language_model
+    weight_bytes = {dt: sum(p.numel() * DTYPES[dt].itemsize for n, p in text.named_parameters()
+                            if "embed_tokens" not in n) for dt in args.dtypes.split(",")}
+    hf = load_hf(path) if args.hf else None
+    weight_bytes.setdefault("float32", sum(p.numel() * 4 for n, p in text.named_parameters() if "embed_tokens" not in n))
+    # Rounds interleave every configuration, so drifts in machine speed hit them all alike.
+    samples: dict[tuple[str, int], list[float]] = {}
+    bws = []
+    for _ in range(args.rounds):
+        bws.append(read_bandwidth())
+        for name, llm in engines.items():
+            for b in batches:
+                samples.setdefault((name, b), []).append(engine_step_ms(llm, b, args.tokens))
+        if hf is not None:
+            samples.setdefault(("transformers generate float32", 1), []).append(
+                hf_step_ms(hf, next(iter(engines.values())), args.tokens))
+    bw = statistics.median(bws)
+    rows = [(name, b, statistics.median(v), 1000 * weight_bytes[name.split()[-1]] / bw) for (name, b), v in samples.items()]
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bws)}); torch threads {torch.get_num_threads()}; "
+          f"medians of {args.rounds} interleaved rounds")
     print(f"{'path':34s} {'batch':>5s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s}")
     for name, b, ms, floor in rows:
         print(f"{name:34s} {b:5d} {ms:9.1f} {floor:9.1f} {ms / floor:8.2f}")

@@ -19,7 +19,7 @@ from engine import LLM, SamplingParams
 from tools.bench_workload import preset_model_dir
 
 QUESTION = ("Look carefully at this picture and describe every object you can see, its colour, its shape, and "
-            "where it is placed.")
+            "its size, and where exactly it is placed in the picture.")
 
 
 def measure(llm: LLM, answer: int, repeats: int) -> dict:
