@@ -76,6 +76,12 @@ class LLM:
         per_block = BlockPool.bytes_per_block(c.block_size, t.num_key_value_heads, t.head_dim, c.torch_dtype)
         cap = c.max_num_seqs * t.num_hidden_layers * -(-self.max_model_len // c.block_size)
         if c.torch_device.type == "cuda":
+            # Size the pool after the vision tower has run at full batch, so its activations stay free.
+            v = self.model_config.vision
+            with torch.inference_mode():
+                self.model.encode_images(torch.zeros(min(c.max_num_seqs, 16), 3, v.image_size, v.image_size,
+                                                     device=c.torch_device, dtype=c.torch_dtype))
+            torch.cuda.synchronize(c.torch_device)
             free, _ = torch.cuda.mem_get_info(c.torch_device)
             budget = int(free * GPU_MEMORY_UTILIZATION) - (1 << 30)  # leave room for activations
         else:

@@ -19,15 +19,6 @@ BIG = 512  # KV blocks: plenty for every workload here
 GREEDY = dict(temperature=0.0, ignore_eos=True)  # transformers' generation_config has no EOS either
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")

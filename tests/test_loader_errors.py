@@ -50,14 +50,6 @@ LLAVA_15_7B_ORIGINAL = {
     "unfreeze_mm_vision_tower": False, "use_cache": True, "use_mm_proj": True, "vocab_size": 32000}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def base_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader_base")

@@ -89,15 +89,6 @@ def _write_checkpoint(root, name, kwargs, text_extra):
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and spin on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("parity")
