@@ -91,7 +91,7 @@ class ModelRunner:
                     v_b = vis[seq_of_row == b]
                     scores[b, k_idx].index_copy_(0, torch.where(v_b >= 0, v_b, n0_max), row.to(scores.dtype))
         for b, s in enumerate(seqs):
-            s.visual_per_layer = [min(g, s.num_visual) for g in budgets[b]]
+            s.visual_per_layer = list(budgets[b])
         last = torch.cumsum(torch.bincount(seq_of_row, minlength=len(seqs)), 0) - 1
         logits = self.lm.lm_head(self.lm.model.norm(h[last]))
         return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]

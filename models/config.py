@@ -1,9 +1,10 @@
 """Model configuration: read llava-hf or original LLaVA config.json, fill the defaults they omit."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .jsonfile import read_json_object
 
 
 class ConfigError(ValueError):
@@ -135,12 +136,7 @@ def _vision_config(d: dict | None) -> VisionConfig:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return read_json_object(path, ConfigError)
 
 
 def _original_config(d: dict, model_dir: Path) -> LlavaConfig:
@@ -184,8 +180,6 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: model directory not found")
     d = _read_json(model_dir / "config.json")
-    if not isinstance(d, dict):
-        raise ConfigError(f"{model_dir / 'config.json'}: expected a JSON object")
     if "mm_projector_type" in d or "mm_vision_tower" in d:
         cfg = _original_config(d, model_dir)
     else:

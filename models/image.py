@@ -10,13 +10,14 @@ image is smaller than the crop), rescale in float64 then cast to float32, normal
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+
+from .jsonfile import read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,12 +82,7 @@ def load_preprocessor_config(model_dir, image_size: int, pad: bool = False) -> I
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
         return ImageProcessorConfig(size=image_size, crop_size=image_size, do_pad=pad)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImageError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ImageError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, ImageError)
 
     def flag(key: str, default: bool) -> bool:
         v = raw.get(key, default)

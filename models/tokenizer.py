@@ -9,11 +9,11 @@ models/sp_tokenizer.py, imported only when a directory has no tokenizer.json.
 
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 
 # Re-exported: callers import IncrementalDecoder and REPLACEMENT_CHAR from here.
+from models.jsonfile import read_json_object
 from models.stream_decode import REPLACEMENT_CHAR, IncrementalDecoder
 
 __all__ = ["IMAGE_TOKEN", "REPLACEMENT_CHAR", "SPIECE_UNDERLINE", "IncrementalDecoder", "Tokenizer", "TokenizerError"]
@@ -27,15 +27,7 @@ class TokenizerError(ValueError):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError, missing_ok=True)
 
 
 def _content(value, where: str) -> str | None:

@@ -40,7 +40,7 @@ class Full:
         return []
 
     def budgets(self, n0: int, num_layers: int) -> list[int]:
-        """G_l per layer: N0 below the first event layer, the schedule's budget from it on."""
+        """G_l per layer: N0 below the first event layer, the schedule's budget from it on (never above N0)."""
         events = self.event_layers(num_layers)
         out, g = [], n0
         for layer in range(num_layers):

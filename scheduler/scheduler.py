@@ -36,7 +36,7 @@ class Scheduler:
     def prefill_lens(self, seq: Sequence) -> list[int]:
         """Entries each layer holds after this sequence's prefill, from the policy's budgets."""
         text = seq.prompt_len - seq.num_visual
-        return [text + min(g, seq.num_visual) for g in self.policy.budgets(seq.num_visual, self.num_layers)]
+        return [text + g for g in self.policy.budgets(seq.num_visual, self.num_layers)]
 
     def prefill_blocks(self, seq: Sequence) -> int:
         return self.cache.blocks_for(self.prefill_lens(seq))

@@ -199,7 +199,7 @@ def test_config_variants(tmp_path):
 
 
 @pytest.mark.parametrize("raw, match", [
-    ("{broken", "not readable JSON"),
+    ("{broken", "not valid JSON"),
     (json.dumps({"crop_size": 224}), "expects 336x336"),
     (json.dumps({"size": {"height": 336, "width": 300}}), "square"),
     (json.dumps({"size": "big"}), "size"),
