@@ -109,7 +109,8 @@ class ModelRunner:
         if use_graphs:
             step = functools.partial(self.decode_forward, score_layers=self.decode_score_layers,
                                      score_width=self.score_width)
-            self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.cache.max_blocks)
+            with torch.inference_mode():  # the same mode decode() replays in
+                self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.cache.max_blocks)
 
     def _triton_wins(self) -> bool:
         """Check the Triton paged kernel against gather + SDPA on a synthetic paged batch; use it if faster."""

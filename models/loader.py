@@ -125,4 +125,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
-    return model.eval()
+    # An inference engine never needs gradients; without this, eager ops and graph capture would
+    # record autograd history for every parameter they touch.
+    return model.eval().requires_grad_(False)

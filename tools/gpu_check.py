@@ -32,6 +32,7 @@ from tools.make_tiny_model import make_tiny_model  # noqa: E402
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 4}),
             ("st3", {"anneal_steps": 6, "anneal_floor": 0.2, "anneal_curve": "cosine"})]
 RESULTS: dict = {"checks": {}, "bench": {}}
+ARGS: argparse.Namespace
 
 
 def image(seed: int, w: int, h: int) -> Image.Image:
@@ -66,21 +67,24 @@ def parity(model_dir: Path) -> dict:
     from transformers import LlavaForConditionalGeneration
     out = {}
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
-        llm = LLM(model_dir, device="cuda", dtype=str(dtype).split(".")[1], num_kv_blocks=2000)
+        name = str(dtype).split(".")[1]
+        llm = LLM(model_dir, device="cuda", dtype=name, num_kv_blocks=2000)
         hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).cuda().eval()
         req = requests()[0]
         p = llm.processor.process(req)
         ids = torch.tensor([p.prompt_ids], device="cuda")
         pix = p.pixel_values.cuda().to(dtype)
+        eos = sorted(llm.eos_ids)
         with torch.inference_mode():
             ref = hf(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids)).logits.float()
             ours = llm.model(ids, pix).float()
             hf_tokens = hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
-                                    max_new_tokens=12, do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+                                    max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=hf.config.pad_token_id)[0, ids.shape[1]:].tolist()
         diff = (ref - ours).abs().max().item()
-        tokens = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
-        name = str(dtype).split(".")[1]
-        out[name] = {"max_logit_diff": diff, "tol": tol, "greedy_equal": tokens == hf_tokens}
+        tokens = llm.generate([req], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+        out[name] = {"max_logit_diff": diff, "tol": tol, "logit_absmax": ref.abs().max().item(),
+                     "greedy_equal": tokens == hf_tokens}
         assert diff < tol, f"{name}: logits differ by {diff} > {tol}"
         if dtype == torch.float32:
             assert tokens == hf_tokens, f"greedy tokens differ: {tokens} vs {hf_tokens}"
@@ -155,8 +159,10 @@ def triton_kernel(model_dir: Path) -> dict:
             diff = (ref.float() - got.float()).abs().max().item()
             assert diff < (1e-4 if dtype == torch.float32 else 2e-2), f"{dtype}: {diff}"
         out[str(dtype)] = diff
-    llm = LLM(model_dir, device="cuda", num_kv_blocks=500)
+    llm = LLM(model_dir, device="cuda")  # the pool sized from free memory, as users get it
     out["engine_uses_triton"] = llm.runner.use_triton
+    out["default pool blocks"] = llm.kv_stats()["total_blocks"]
+    assert llm.generate([requests()[0]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
     return out
 
 
@@ -171,33 +177,46 @@ def hbm_read_bw() -> float:
     return 10 * x.numel() * 4 / (time.perf_counter() - t0)
 
 
+def engine_ms_per_step(llm: LLM, req: dict, batch: int, tokens: int = 64) -> float:
+    """Decode ms per step for `batch` requests running together (prefill excluded; second of two rounds)."""
+    for _ in range(2):  # the first round warms up
+        for _ in range(batch):
+            llm.add_request(req, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        while llm.scheduler.waiting:  # prefill every request before the clock starts
+            llm.step()
+        torch.cuda.synchronize()
+        t0, steps = time.perf_counter(), 0
+        while llm.has_unfinished():
+            llm.step()
+            steps += 1
+        torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - t0) / steps
+    return ms
+
+
 @check("decode speed at LLaVA-1.5-7B width")
 def bench(work: Path, layers: int) -> dict:
     from transformers import LlavaForConditionalGeneration
-    d = make_tiny_model(work / "wide", preset="llava-1.5-7b", text_layers=layers, vision_layers=2,
-                        dtype="bfloat16")
+    d = work / "wide"
+    if not (d / "config.json").exists():
+        make_tiny_model(d, preset="llava-1.5-7b", text_layers=layers, vision_layers=2, dtype="bfloat16")
     img = image(3, 336, 336)
-    out = {}
-    for label, eager in (("eager", True), ("graphs", False)):
-        llm = LLM(d, device="cuda", dtype="bfloat16", num_kv_blocks=4000, max_num_seqs=16, enforce_eager=eager)
-        for batch in (1, 16):
+    out = {"layers": layers, "dtype": "bfloat16", "visual_tokens": 576, "tokens_per_request": 64}
+    for policy in ("full", "st3"):
+        for label, eager in (("eager", True), ("graphs", False)):
+            t0 = time.perf_counter()
+            llm = LLM(d, device="cuda", dtype="bfloat16", policy=policy, num_kv_blocks=8000, max_num_seqs=16,
+                      enforce_eager=eager)
+            out[f"start-up s ({policy}, {label})"] = round(time.perf_counter() - t0, 1)
+            out["engine uses triton"] = llm.runner.use_triton
             req = {"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img}
-            for _ in range(2):  # the first round warms up
-                ids = [llm.add_request(req, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
-                       for _ in range(batch)]
-                llm.step()  # prefill
-                torch.cuda.synchronize()
-                t0, steps = time.perf_counter(), 0
-                while llm.has_unfinished():
-                    llm.step()
-                    steps += 1
-                torch.cuda.synchronize()
-                ms = 1000 * (time.perf_counter() - t0) / steps
-            out[f"engine {label} bs{batch} ms/step"] = round(ms, 3)
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
-                           if "embed_tokens" not in n)
-        del llm
-        torch.cuda.empty_cache()
+            for batch in (1, 16):
+                out[f"engine {policy} {label} bs{batch} ms/step"] = round(engine_ms_per_step(llm, req, batch), 3)
+            weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
+                               if "embed_tokens" not in n)
+            del llm
+            torch.cuda.empty_cache()
+            write_results()
     hf = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(d, device="cuda", dtype="bfloat16", num_kv_blocks=200, max_num_seqs=1, enforce_eager=True)
     p = llm.processor.process({"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img})
@@ -209,39 +228,53 @@ def bench(work: Path, layers: int) -> dict:
         t0 = time.perf_counter()
         with torch.inference_mode():
             hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False)
+                        min_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
     gen(4)
     out["transformers bs1 ms/token"] = round(1000 * (gen(65) - gen(1)) / 64, 3)
+    del hf, llm
+    torch.cuda.empty_cache()
     bw = hbm_read_bw()
     out["hbm_read_GBps"] = round(bw / 1e9)
-    out["floor bs1 ms/token (weights / bandwidth)"] = round(1000 * weight_bytes / bw, 3)
-    out["layers"] = layers
+    out["floor bs1 ms/token (decoder+head bytes / read bandwidth)"] = round(1000 * weight_bytes / bw, 3)
     RESULTS["bench"] = out
     return out
 
 
+def write_results() -> None:
+    """Write what is known so far, so a run cut off by a time limit still leaves its results."""
+    (Path(ARGS.out) / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
+
+
 def main() -> int:
+    global ARGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--work", help="keep the generated checkpoints here (default: a temporary directory)")
+    ap.add_argument("--only", help="comma-separated subset of: parity,reference,graphs,triton,bench")
+    ARGS = args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device")
         return 2
+    # fp32 parity means fp32: cuDNN would otherwise run the CLIP patch convolution in TF32.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
+    only = set(args.only.split(",")) if args.only else {"parity", "reference", "graphs", "triton", "bench"}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        small = make_tiny_model(work / "small", text_layers=6, kv_heads=2, image_size=64, seed=7)
-        parity(small)
-        reference(small)
-        graphs(small)
-        triton_kernel(small)
-        bench(work, args.layers)
-    path = Path(args.out) / "gpu_check.json"
-    path.write_text(json.dumps(RESULTS, indent=2))
+        work = Path(args.work or tmp)
+        small = work / "small"
+        if not (small / "config.json").exists():
+            make_tiny_model(small, text_layers=6, kv_heads=2, image_size=64, seed=7)
+        for name, fn, fargs in (("parity", parity, (small,)), ("reference", reference, (small,)),
+                                ("graphs", graphs, (small,)), ("triton", triton_kernel, (small,)),
+                                ("bench", bench, (work, args.layers))):
+            if name in only:
+                fn(*fargs)
+                write_results()
     failed = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
     print(json.dumps({k: v for k, v in RESULTS.items() if k != "checks"}, indent=2))
     print(f"{len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed")
