@@ -148,16 +148,19 @@ class LLM:
             k = max(s.params.logprobs for s in want_lp)
             top = torch.topk(logprobs, k) if k > 0 else None
         now = time.perf_counter()
+        held = self.cache.blocks_held_many([s.seat for s in seqs])
         outputs = []
         for b, seq in enumerate(seqs):
             seq.scores = scores[b]
-            seq.kv_peak_blocks = max(seq.kv_peak_blocks, self.cache.blocks_held(seq.seat))
+            seq.kv_peak_blocks = max(seq.kv_peak_blocks, held[b])
             if seq.replaying:  # recompute after preemption: keep the recorded token
                 seq.cursor += 1
                 continue
             tok = tokens_l[b]
             seq.output_ids.append(tok)
             seq.cursor += 1
+            if seq.token_times:
+                seq.itl.append(now - seq.token_times[-1])
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -169,7 +172,7 @@ class LLM:
                         entry[i] = v
                 seq.logprobs.append(entry)
             self._check_stop(seq, tok)
-            outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq)))
+            outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq), held[b]))
             if seq.is_finished and seq.request_id not in self._owned:
                 self._forget(seq.request_id)  # add_request/step users got their last output
         return outputs
@@ -206,8 +209,9 @@ class LLM:
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
 
-    def _output(self, seq: Sequence, delta: str = "") -> RequestOutput:
-        blocks_now = self.cache.blocks_held(seq.seat) if seq.seat is not None else 0
+    def _output(self, seq: Sequence, delta: str = "", blocks_now: int | None = None) -> RequestOutput:
+        if blocks_now is None:
+            blocks_now = self.cache.blocks_held(seq.seat) if seq.seat is not None else 0
         return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason,
                              list(seq.logprobs) if seq.params.logprobs is not None else None,
                              request_stats(seq, blocks_now, self.policy.name), delta=delta)

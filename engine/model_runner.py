@@ -92,8 +92,11 @@ class ModelRunner:
                     scores[b, k_idx].index_copy_(0, torch.where(v_b >= 0, v_b, n0_max), row.to(scores.dtype))
         for b, s in enumerate(seqs):
             s.visual_per_layer = list(budgets[b])
+        if policy.anneals:
+            self.cache.record_visual([s.seat for s in seqs if s.num_visual])
         last = torch.cumsum(torch.bincount(seq_of_row, minlength=len(seqs)), 0) - 1
         logits = self.lm.lm_head(self.lm.model.norm(h[last]))
+        scores = scores.cpu() if score_layers else None  # read on the host, by the VTA scheduler
         return logits, [scores[b, :, :s.num_visual] if score_layers else None for b, s in enumerate(seqs)]
 
     # ---- decode ----------------------------------------------------------------------------
@@ -151,9 +154,10 @@ class ModelRunner:
             layer_widths = None if static else (-(-lens.max(0).values // self.cache.block_size)).tolist()
             logits, scores = self.decode_forward(*self.buffers.view(rows, width), self.decode_score_layers,
                                                  score_width, layer_widths)
-        has_scores = bool(self.decode_score_layers)
-        return logits[:n], [scores[b, :, :s.num_visual].clone() if has_scores else None
-                            for b, s in enumerate(seqs)]
+        if not self.decode_score_layers:
+            return logits[:n], [None] * n
+        scores = scores[:n].cpu()  # one transfer per step (a graph's outputs are overwritten next replay)
+        return logits[:n], [scores[b, :, :s.num_visual] for b, s in enumerate(seqs)]
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: list[int],

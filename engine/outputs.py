@@ -29,12 +29,12 @@ class RequestOutput:
 def request_stats(seq: Sequence, blocks_now: int, policy: str) -> dict:
     """Token counts, latencies and KV figures of one request."""
     end = seq.finish_time or time.perf_counter()
-    gaps = [b - a for a, b in zip(seq.token_times, seq.token_times[1:])]
+    gaps, times = seq.itl, seq.token_times
     return {
         "prompt_tokens": seq.prompt_len, "visual_tokens": seq.num_visual,
         "text_prompt_tokens": seq.prompt_len - seq.num_visual, "generated_tokens": len(seq.output_ids),
         "ttft_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
-        "e2e_s": end - seq.arrival_time, "tpot_s": sum(gaps) / len(gaps) if gaps else None, "itl_s": gaps,
+        "e2e_s": end - seq.arrival_time, "tpot_s": (times[-1] - times[0]) / len(gaps) if gaps else None, "itl_s": list(gaps),
         "kv_peak_blocks": seq.kv_peak_blocks,
         "kv_blocks_final": seq.kv_blocks_final if seq.is_finished else blocks_now,
         "visual_tokens_per_layer": list(seq.visual_per_layer), "preemptions": seq.num_preemptions,

@@ -41,6 +41,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)  # gaps between token_times, kept as they arrive
     kv_peak_blocks: int = 0
     kv_blocks_final: int = 0
     visual_per_layer: list[int] = field(default_factory=list)

@@ -64,31 +64,26 @@ class Full:
     def anneals(self) -> bool:
         return False
 
-    def removals(self, n0: int, t: int, visual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
-        """Mask over a seat's entries [L, maxlen] to evict before decoding token t (None = nothing).
+    def evictions(self, present: torch.Tensor, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+        """Decode-time (VTA) evictions for a batch of sequences, all at once.
 
-        `visual[l, i]` is the visual index of entry i of layer l (-1 for text/generated/padding);
-        `scores[k]` is the most recent forward's score row of layer score_layers()[k], by visual index.
+        `present[b, k, v]`: visual token v is in event layer k of sequence b; `scores[b, k]` is the most
+        recent forward's score row of the layer below event layer k, by visual index; `budgets[b, k]` the
+        number to keep there. Returns `gone[b, k, v]`: v leaves event layer k and every layer above it
+        (a token evicted at one event layer is evicted from all deeper ones too).
         """
-        budgets = self.decode_budgets(n0, visual.shape[0], t)
-        if not budgets:
-            return None
-        alive = torch.ones(n0 + 1, dtype=torch.bool)      # index n0 stands for "not visual"
-        idx = torch.where(visual >= 0, visual, n0).long()
-        removed_from = torch.zeros(visual.shape[0], n0 + 1, dtype=torch.bool)
-        for k, layer in enumerate(self.event_layers(visual.shape[0])):
-            present = torch.zeros(n0 + 1, dtype=torch.bool)
-            present[idx[layer]] = True
-            members = (present & alive)[:n0].nonzero().squeeze(1)   # ascending visual index = position
-            if members.numel() > budgets[layer]:
-                keep = keep_top(scores[k][members], budgets[layer])
-                alive[members[~keep]] = False
-            removed_from[layer] = ~alive
-        if alive.all():
-            return None
-        # A token evicted at event layer l leaves every layer m >= l.
-        removed_from = torch.cummax(removed_from.int(), dim=0).values.bool()
-        return removed_from.gather(1, idx) & (visual >= 0)
+        b, num_events, n = present.shape
+        ranks = torch.arange(n).expand(b, n)
+        gone = torch.zeros(b, n, dtype=torch.bool)
+        out = torch.zeros_like(present)
+        for k in range(num_events):
+            members = present[:, k] & ~gone
+            # Highest score first, ties to the lower index (stable sort); non-members sort last.
+            order = torch.sort(torch.where(members, -scores[:, k], math.inf), dim=1, stable=True).indices
+            rank = torch.empty_like(order).scatter_(1, order, ranks)
+            gone |= members & (rank >= budgets[:, k, None])
+            out[:, k] = gone
+        return out
 
 
 @dataclass(frozen=True)

@@ -92,22 +92,39 @@ class Scheduler:
 
     # ---- VTA --------------------------------------------------------------------------------
     def evict_visual(self) -> int:
-        """Apply the policy's decode-time evictions to every running sequence; return blocks freed."""
+        """Apply the policy's decode-time evictions to every running sequence; return blocks freed.
+
+        All sequences are handled together and on the host (scores arrive there with the sampled tokens;
+        the cache mirrors each entry's visual index), so the device sees one batched copy per step.
+        """
         if not self.policy.anneals:
             return 0
-        freed = 0
+        L, events = self.num_layers, self.policy.event_layers(self.num_layers)
+        seqs, budgets = [], []
         for seq in self.running:
             if seq.scores is None or seq.num_visual == 0 or seq.cursor == 0:
                 continue
-            budgets = self.policy.decode_budgets(seq.num_visual, self.num_layers, seq.cursor)
-            if all(seq.visual_per_layer[l] <= b for l, b in budgets.items()):
-                continue  # cheap host check: nothing over budget, no tensor work
-            slots, valid = self.cache.layer_slots(seq.seat)
-            visual = self.cache.pool.visual_index[slots.to(self.cache.pool.k.device)].cpu()
-            visual = torch.where(valid, visual, -1)
-            remove = self.policy.removals(seq.num_visual, seq.cursor, visual, seq.scores.cpu())
-            if remove is None:
-                continue
-            freed += self.cache.trim(seq.seat, remove)
-            seq.visual_per_layer = [n - int(r) for n, r in zip(seq.visual_per_layer, remove.sum(1).tolist())]
+            b = self.policy.decode_budgets(seq.num_visual, L, seq.cursor)
+            if any(seq.visual_per_layer[layer] > b[layer] for layer in events):
+                seqs.append(seq)
+                budgets.append([b[layer] for layer in events])
+        if not seqs:
+            return 0
+        seats = [s.seat for s in seqs]
+        visual, _, _ = self.cache.entry_visual(seats)                       # [B, L, W]
+        n = max(s.num_visual for s in seqs)
+        idx = torch.where(visual >= 0, visual, n).long()                   # column n: not visual
+        present = torch.zeros(len(seqs), len(events), n + 1, dtype=torch.bool)
+        present.scatter_(2, idx[:, events], True)
+        scores = torch.stack([torch.nn.functional.pad(s.scores, (0, n - s.num_visual)) for s in seqs])
+        gone = self.policy.evictions(present[..., :n], scores, torch.tensor(budgets))  # [B, K, n]
+        # Layer l follows the deepest event layer at or below it; layers below the first keep everything.
+        k_of = torch.tensor([sum(e <= layer for e in events) - 1 for layer in range(L)])
+        gone = torch.cat([torch.zeros_like(gone[:, :1]), gone], 1)          # row 0: "no event yet"
+        gone = torch.nn.functional.pad(gone, (0, 1))                        # column n: never gone
+        remove = gone[:, k_of + 1].gather(2, idx)                           # [B, L, W]
+        freed, dst, src = self.cache.trim(seats, remove)
+        self.cache.move(dst, src)
+        for seq, removed in zip(seqs, remove.sum(2).tolist()):
+            seq.visual_per_layer = [k - r for k, r in zip(seq.visual_per_layer, removed)]
         return freed
