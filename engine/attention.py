@@ -51,20 +51,28 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(b, t, *cache.shape[1:]).transpose(1, 2)
 
 
+def decode_probs(q: torch.Tensor, k_all: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """fp32 attention probabilities [B, Hkv, rep, T] of one query per sequence; entries >= lens get 0."""
+    b, h, d = q.shape
+    hkv, t = k_all.shape[1], k_all.shape[2]
+    valid = torch.arange(t, device=q.device)[None, :] < lens[:, None]      # [B, T]
+    logits = (_fold(q, hkv).float() @ k_all.float().transpose(-1, -2)) / math.sqrt(d)
+    return torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+
+
 def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, lens: torch.Tensor,
                      want_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence against its gathered entries; entries at index >= lens are padding.
 
     q [B, H, D]; k_all, v_all [B, Hkv, T, D]; lens [B]. Returns ([B, H, D], scores [B, T] or None).
+    The score row is the query's attention averaged over heads (see the module docstring).
     """
     b, h, d = q.shape
-    hkv, t = k_all.shape[1], k_all.shape[2]
-    qf = _fold(q, hkv)                                                     # [B, Hkv, rep, D]
-    valid = torch.arange(t, device=q.device)[None, :] < lens[:, None]      # [B, T]
     if not want_scores:
-        out = F.scaled_dot_product_attention(qf, k_all, v_all, attn_mask=valid[:, None, None, :])
+        valid = torch.arange(k_all.shape[2], device=q.device)[None, :] < lens[:, None]
+        out = F.scaled_dot_product_attention(_fold(q, k_all.shape[1]), k_all, v_all,
+                                             attn_mask=valid[:, None, None, :])
         return out.reshape(b, h, d), None
-    logits = (qf.float() @ k_all.float().transpose(-1, -2)) / math.sqrt(d)  # [B, Hkv, rep, T]
-    probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    probs = decode_probs(q, k_all, lens)
     out = (probs.to(v_all.dtype) @ v_all).reshape(b, h, d)
     return out, probs.mean(dim=(1, 2))

@@ -3,6 +3,10 @@
 Every per-step input lives in a preallocated buffer sized for the largest batch and the longest
 context, so a captured graph reads fresh values on every replay and a block table can never
 outgrow its capture. Padded rows write to the pool's trash slot and attend to nothing.
+
+Graphs are captured per (batch bucket, table-width bucket): the gather path copies every entry a
+table spans, so replaying a max_model_len-wide graph for a 700-token context would gather six
+times what it needs.
 """
 from __future__ import annotations
 
@@ -17,6 +21,15 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     if not sizes or sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sorted(set(sizes))
+
+
+def width_buckets(max_blocks: int, smallest: int = 16) -> list[int]:
+    """Block-table widths to capture: powers of two from `smallest` blocks, then max_blocks."""
+    widths, w = [], smallest
+    while w < max_blocks:
+        widths.append(w)
+        w *= 2
+    return widths + [max_blocks]
 
 
 class DecodeBuffers:
@@ -48,27 +61,28 @@ class DecodeBuffers:
 
 
 class DecodeGraphs:
-    """One CUDA graph per batch bucket, captured largest first and sharing one memory pool."""
+    """One CUDA graph per (batch bucket, width bucket), captured largest first, sharing one memory pool.
 
-    def __init__(self, step: Callable, buffers: DecodeBuffers, max_num_seqs: int, max_blocks: int):
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.buffers, self.max_blocks = buffers, max_blocks
+    A graph's outputs live in the shared pool, so they are valid only until the next replay: the
+    runner reads them before it replays again.
+    """
+
+    def __init__(self, step: Callable, buffers: DecodeBuffers, max_num_seqs: int, widths: list[int]):
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         pool = None
-        for bs in reversed(graph_buckets(max_num_seqs)):
-            inputs = buffers.view(bs, max_blocks)
-            step(*inputs)  # warm up (allocator, lazy inits) outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = step(*inputs)
-            pool = g.pool() if pool is None else pool
-            self.graphs[bs] = g
+        for width in reversed(widths):
+            for bs in reversed(graph_buckets(max_num_seqs)):
+                inputs = buffers.view(bs, width)
+                step(*inputs)  # warm up (allocator, lazy inits, Triton compiles) outside the capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.outputs[bs, width] = step(*inputs)
+                pool = g.pool() if pool is None else pool
+                self.graphs[bs, width] = g
         torch.cuda.synchronize()
 
-    def bucket(self, n: int) -> int | None:
-        return min((b for b in self.graphs if b >= n), default=None)
-
-    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.graphs[bs].replay()
-        return self.outputs[bs]
+    def replay(self, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.graphs[bs, width].replay()
+        return self.outputs[bs, width]

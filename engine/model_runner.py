@@ -9,9 +9,9 @@ from cache.layered import LayeredKVCache
 from models.llava import LlavaForConditionalGeneration
 from scheduler.policy import Full, keep_top
 
-from .attention import decode_attention, entry_slots, gather_kv, prefill_attention
+from .attention import decode_attention, decode_probs, entry_slots, gather_kv, prefill_attention
 from .triton_attention import paged_decode_attention, pick_backend
-from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets
+from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets, width_buckets
 from .sequence import Sequence
 
 
@@ -108,12 +108,13 @@ class ModelRunner:
         self.buffers = DecodeBuffers(max_num_seqs, L, self.cache.max_blocks, self.pool.trash_slot, dev)
         self.use_triton = dev.type == "cuda" and self._triton_wins()
         self.buckets = graph_buckets(max_num_seqs)
+        self.widths = width_buckets(self.cache.max_blocks)
         self.graphs, self.pad_batches = None, False
         if use_graphs:
             step = functools.partial(self.decode_forward, score_layers=self.decode_score_layers,
                                      score_width=self.score_width)
             with torch.inference_mode():  # the same mode decode() replays in
-                self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.cache.max_blocks)
+                self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.widths)
 
     def _triton_wins(self) -> bool:
         """Check the Triton paged kernel against gather + SDPA on a synthetic paged batch; use it if faster."""
@@ -143,12 +144,15 @@ class ModelRunner:
         # of rows over full-width tables; plain eager runs gather, layer by layer, only the blocks
         # that layer holds: under ST3 deep layers are a fraction of the first ones.
         static = self.graphs is not None or self.pad_batches
-        rows = min(b for b in self.buckets if b >= n) if static else n
-        width = self.cache.max_blocks if static else -(-int(lens.max()) // self.cache.block_size)
+        width = -(-int(lens.max()) // self.cache.block_size)
+        rows = n
+        if static:
+            rows = min(b for b in self.buckets if b >= n)
+            width = min(w for w in self.widths if w >= width)
         self.buffers.fill(n, rows, torch.tensor(tokens), torch.tensor(positions), slot_mapping,
                           self.cache.tables[seats][:, :, :width], lens)
         if self.graphs is not None:
-            logits, scores = self.graphs.replay(rows)
+            logits, scores = self.graphs.replay(rows, width)
         else:
             score_width = self.score_width if static else max(s.num_visual for s in seqs) + 1
             layer_widths = None if static else (-(-lens.max(0).values // self.cache.block_size)).tolist()
@@ -182,8 +186,12 @@ class ModelRunner:
                     return paged_decode_attention(q, pool.k, pool.v, block_tables, context_lens, l, bs)
                 tables = block_tables[:, l] if layer_widths is None else block_tables[:, l, :layer_widths[l]]
                 slots_all = entry_slots(tables, bs)
-                k_all, v_all = gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all)
-                out, sc = decode_attention(q, k_all, v_all, context_lens[:, l], want)
+                k_all = gather_kv(pool.k, slots_all)
+                if self.use_triton:  # a score layer: the kernel attends, the gathered keys give the score row
+                    out = paged_decode_attention(q, pool.k, pool.v, block_tables, context_lens, l, bs)
+                    sc = decode_probs(q, k_all, context_lens[:, l]).mean(dim=(1, 2))
+                else:
+                    out, sc = decode_attention(q, k_all, gather_kv(pool.v, slots_all), context_lens[:, l], want)
                 if want:
                     vis = pool.visual_index.index_select(0, slots_all.reshape(-1)).view_as(slots_all)
                     valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < context_lens[:, l, None]

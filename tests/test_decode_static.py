@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
-from engine.decode_buffers import graph_buckets
+from engine.decode_buffers import graph_buckets, width_buckets
 from tools.make_tiny_model import make_tiny_model
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 3, "anneal_floor": 0.2})]
@@ -29,10 +29,17 @@ def _requests():
     return reqs, params
 
 
-def _run(model_dir, kind, params, pad: bool, max_num_seqs=6):
+def _run(model_dir, kind, params, pad: bool, max_num_seqs=6, widths_seen=None):
     llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=700, block_size=4,
               max_num_seqs=max_num_seqs)
     llm.runner.pad_batches = pad
+    if widths_seen is not None:
+        inner = llm.runner.decode_forward
+
+        def spy(input_ids, positions, slot_mapping, block_tables, *rest, **kw):
+            widths_seen.add((input_ids.shape[0], block_tables.shape[-1]))
+            return inner(input_ids, positions, slot_mapping, block_tables, *rest, **kw)
+        llm.runner.decode_forward = spy
     reqs, sp = _requests()
     # Stagger arrivals: two requests first, the rest join after a few steps.
     ids, done = [llm.add_request(r, p) for r, p in zip(reqs[:2], sp[:2])], {}
@@ -49,7 +56,12 @@ def _run(model_dir, kind, params, pad: bool, max_num_seqs=6):
 
 @pytest.mark.parametrize("kind,params", POLICIES, ids=[p[0] for p in POLICIES])
 def test_padded_static_step_equals_dynamic(model_dir, kind, params):
-    dyn, static = _run(model_dir, kind, params, False), _run(model_dir, kind, params, True)
+    seen = set()
+    dyn, static = _run(model_dir, kind, params, False), _run(model_dir, kind, params, True, widths_seen=seen)
+    # The run must really move between buckets: batch sizes and table widths both change.
+    rows, widths = {r for r, _ in seen}, {w for _, w in seen}
+    assert len(rows) > 1 and len(widths) > 1, seen
+    assert rows <= set(graph_buckets(6)) and widths <= set(width_buckets(-(-4096 // 4))), seen
     for a, b in zip(dyn, static):
         assert a.token_ids == b.token_ids
         for ea, eb, t in zip(a.logprobs, b.logprobs, a.token_ids):
@@ -58,6 +70,9 @@ def test_padded_static_step_equals_dynamic(model_dir, kind, params):
 
 
 def test_buckets():
+    assert width_buckets(256) == [16, 32, 64, 128, 256]
+    assert width_buckets(40) == [16, 32, 40]
+    assert width_buckets(8) == [8] and width_buckets(16) == [16]
     assert graph_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert graph_buckets(5) == [1, 2, 4, 5]
     assert graph_buckets(1) == [1]

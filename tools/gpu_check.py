@@ -177,6 +177,19 @@ def hbm_read_bw() -> float:
     return 10 * x.numel() * 4 / (time.perf_counter() - t0)
 
 
+def replay_ms(llm: LLM, n: int = 50) -> float:
+    """Device time of one batch-1 decode graph at the bench's width (no host work between replays)."""
+    need = -(-700 // llm.cache.block_size)  # the bench's contexts: ~650 prompt + 64 generated tokens
+    key = (1, min(w for w in llm.runner.widths if w >= need))
+    llm.runner.graphs.replay(*key)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        llm.runner.graphs.replay(*key)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / n
+
+
 def engine_ms_per_step(llm: LLM, req: dict, batch: int, tokens: int = 64) -> float:
     """Decode ms per step for `batch` requests running together (prefill excluded; second of two rounds)."""
     for _ in range(2):  # the first round warms up
@@ -212,6 +225,9 @@ def bench(work: Path, layers: int) -> dict:
             req = {"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img}
             for batch in (1, 16):
                 out[f"engine {policy} {label} bs{batch} ms/step"] = round(engine_ms_per_step(llm, req, batch), 3)
+            if not eager:
+                out["graphs captured"] = len(llm.runner.graphs.graphs)
+                out[f"graph replay only {policy} bs1 ms (device time of the step)"] = round(replay_ms(llm), 3)
             weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
                                if "embed_tokens" not in n)
             del llm
@@ -232,7 +248,22 @@ def bench(work: Path, layers: int) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
     gen(4)
-    out["transformers bs1 ms/token"] = round(1000 * (gen(65) - gen(1)) / 64, 3)
+    out["transformers generate bs1 ms/token"] = round(1000 * (gen(65) - gen(1)) / 64, 3)
+
+    @torch.inference_mode()
+    def forward_loop(n):  # transformers without generate()'s bookkeeping: a bare greedy loop
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        o = hf(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), use_cache=True)
+        past, tok, mask = o.past_key_values, o.logits[:, -1:].argmax(-1), torch.ones_like(ids)
+        for _ in range(n):
+            mask = torch.cat([mask, mask[:, :1]], 1)
+            o = hf(input_ids=tok, attention_mask=mask, past_key_values=past, use_cache=True)
+            past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    forward_loop(4)
+    out["transformers forward loop bs1 ms/token"] = round(1000 * (forward_loop(65) - forward_loop(1)) / 64, 3)
     del hf, llm
     torch.cuda.empty_cache()
     bw = hbm_read_bw()
