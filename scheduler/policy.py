@@ -5,11 +5,12 @@ One small interface, per sequence with N0 visual tokens in an L-layer decoder:
   budgets(N0, L)             G_l: visual entries layer l keeps after prefill
   decode_budgets(N0, L, t)   VTA budgets per event layer before a decode forward (None = never evict)
   score_layers(L, decode)    layers whose last-row attention scores the next forward must produce
-  removals(...)              which cached visual entries to evict before the next decode forward
+  evictions(...)             which visual tokens leave which event layers before a decode forward (batched)
 Rounding is floor(x + 0.5) everywhere; ties in a ranking go to the lower position.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class Full:
     def event_layers(self, num_layers: int) -> list[int]:
         return []
 
+    @functools.lru_cache(maxsize=1024)  # policies are frozen (hashable); schedulers ask every step
     def budgets(self, n0: int, num_layers: int) -> list[int]:
         """G_l per layer: N0 below the first event layer, the schedule's budget from it on (never above N0)."""
         events = self.event_layers(num_layers)
@@ -172,6 +174,11 @@ class ST3(PVTP):
         return 1.0 if t < self.anneal_steps else f
 
     def decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int] | None:
+        # phi is flat after the anneal, so clamping t keeps the cache small without changing a budget.
+        return self._decode_budgets(n0, num_layers, min(t, self.anneal_steps))
+
+    @functools.lru_cache(maxsize=4096)
+    def _decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int]:
         phi, g = self.phi(t), self.budgets(n0, num_layers)
         return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
 

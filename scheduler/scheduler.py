@@ -116,7 +116,9 @@ class Scheduler:
         idx = torch.where(visual >= 0, visual, n).long()                   # column n: not visual
         present = torch.zeros(len(seqs), len(events), n + 1, dtype=torch.bool)
         present.scatter_(2, idx[:, events], True)
-        scores = torch.stack([torch.nn.functional.pad(s.scores, (0, n - s.num_visual)) for s in seqs])
+        scores = torch.zeros(len(seqs), len(events), n)
+        for b, s in enumerate(seqs):
+            scores[b, :, :s.num_visual] = s.scores
         gone = self.policy.evictions(present[..., :n], scores, torch.tensor(budgets))  # [B, K, n]
         # Layer l follows the deepest event layer at or below it; layers below the first keep everything.
         k_of = torch.tensor([sum(e <= layer for e in events) - 1 for layer in range(L)])
