@@ -126,15 +126,16 @@ class LayeredKVCache:
         vis[:, :, :w] = self.visual[seats, :, :w]
         return torch.where(valid, vis, -1), slots, valid
 
-    def trim(self, seats: list[int], remove: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def trim(self, seats: list[int], remove: torch.Tensor,
+             slots_valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Remove entries (mask [B, L, maxlen] over layer_slots(seats)) from every layer of every seat.
 
         Holes below each layer's new length are filled by that layer's surviving tail entries, so only
         as many entries move as are removed, and the emptied tail blocks go back to the pool. Returns
         (blocks freed, dst slots, src slots): the caller must `move(dst, src)` before the pool hands
-        out blocks again (the sources sit in freed blocks).
+        out blocks again (the sources sit in freed blocks). `slots_valid`: layer_slots(seats), if at hand.
         """
-        slots, valid = self.layer_slots(seats)
+        slots, valid = slots_valid if slots_valid is not None else self.layer_slots(seats)
         remove = remove & valid
         old = self.lens[seats]
         new = old - remove.sum(2)

@@ -61,28 +61,30 @@ class DecodeBuffers:
 
 
 class DecodeGraphs:
-    """One CUDA graph per (batch bucket, width bucket), captured largest first, sharing one memory pool.
+    """One CUDA graph per (batch bucket, width bucket, variant), captured largest first, sharing one pool.
 
+    `steps` maps a variant (for ST3: whether the step produces score rows) to its step function.
     A graph's outputs live in the shared pool, so they are valid only until the next replay: the
     runner reads them before it replays again.
     """
 
-    def __init__(self, step: Callable, buffers: DecodeBuffers, max_num_seqs: int, widths: list[int]):
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, steps: dict[bool, Callable], buffers: DecodeBuffers, max_num_seqs: int, widths: list[int]):
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         pool = None
         for width in reversed(widths):
             for bs in reversed(graph_buckets(max_num_seqs)):
-                inputs = buffers.view(bs, width)
-                step(*inputs)  # warm up (allocator, lazy inits, Triton compiles) outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    self.outputs[bs, width] = step(*inputs)
-                pool = g.pool() if pool is None else pool
-                self.graphs[bs, width] = g
+                for variant, step in steps.items():
+                    inputs = buffers.view(bs, width)
+                    step(*inputs)  # warm up (allocator, lazy inits, Triton compiles) outside the capture
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        self.outputs[bs, width, variant] = step(*inputs)
+                    pool = g.pool() if pool is None else pool
+                    self.graphs[bs, width, variant] = g
         torch.cuda.synchronize()
 
-    def replay(self, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.graphs[bs, width].replay()
-        return self.outputs[bs, width]
+    def replay(self, bs: int, width: int, variant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.graphs[bs, width, variant].replay()
+        return self.outputs[bs, width, variant]

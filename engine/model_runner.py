@@ -111,10 +111,13 @@ class ModelRunner:
         self.widths = width_buckets(self.cache.max_blocks)
         self.graphs, self.pad_batches = None, False
         if use_graphs:
-            step = functools.partial(self.decode_forward, score_layers=self.decode_score_layers,
-                                     score_width=self.score_width)
+            # With decode score layers (ST3), a second set of graphs skips them for steps where no
+            # sequence is still annealing.
+            variants = (False, True) if self.decode_score_layers else (False,)
+            steps = {v: functools.partial(self.decode_forward, score_layers=self.decode_score_layers if v else [],
+                                          score_width=self.score_width) for v in variants}
             with torch.inference_mode():  # the same mode decode() replays in
-                self.graphs = DecodeGraphs(step, self.buffers, max_num_seqs, self.widths)
+                self.graphs = DecodeGraphs(steps, self.buffers, max_num_seqs, self.widths)
 
     def _triton_wins(self) -> bool:
         """Check the Triton paged kernel against gather + SDPA on a synthetic paged batch; use it if faster."""
@@ -151,14 +154,19 @@ class ModelRunner:
             width = min(w for w in self.widths if w >= width)
         self.buffers.fill(n, rows, torch.tensor(tokens), torch.tensor(positions), slot_mapping,
                           self.cache.tables[seats][:, :, :width], lens)
+        # Score rows only while some sequence's next eviction can still remove tokens (ST3's anneal).
+        scored = bool(self.decode_score_layers) and any(
+            self.policy.needs_decode_scores(s.num_visual, self.num_layers, s.cursor + 1, s.visual_per_layer)
+            for s in seqs)
         if self.graphs is not None:
-            logits, scores = self.graphs.replay(rows, width)
+            logits, scores = self.graphs.replay(rows, width, scored)
         else:
             score_width = self.score_width if static else max(s.num_visual for s in seqs) + 1
             layer_widths = None if static else (-(-lens.max(0).values // self.cache.block_size)).tolist()
-            logits, scores = self.decode_forward(*self.buffers.view(rows, width), self.decode_score_layers,
-                                                 score_width, layer_widths)
-        if not self.decode_score_layers:
+            logits, scores = self.decode_forward(*self.buffers.view(rows, width),
+                                                 self.decode_score_layers if scored else [], score_width,
+                                                 layer_widths)
+        if not scored:
             return logits[:n], [None] * n
         scores = scores[:n].cpu()  # one transfer per step (a graph's outputs are overwritten next replay)
         return logits[:n], [scores[b, :, :s.num_visual] for b, s in enumerate(seqs)]

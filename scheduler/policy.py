@@ -66,6 +66,14 @@ class Full:
     def anneals(self) -> bool:
         return False
 
+    def needs_decode_scores(self, n0: int, num_layers: int, t_next: int, visual_per_layer: list[int]) -> bool:
+        """Whether the eviction before token t_next can remove anything, i.e. needs this forward's score rows.
+
+        Past the anneal the budgets stop shrinking, so ST3's decode forwards can skip the score rows.
+        """
+        budgets = self.decode_budgets(n0, num_layers, t_next)
+        return bool(budgets) and any(visual_per_layer[layer] > b for layer, b in budgets.items())
+
     def evictions(self, present: torch.Tensor, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
         """Decode-time (VTA) evictions for a batch of sequences, all at once.
 

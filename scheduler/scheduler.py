@@ -104,14 +104,14 @@ class Scheduler:
         for seq in self.running:
             if seq.scores is None or seq.num_visual == 0 or seq.cursor == 0:
                 continue
-            b = self.policy.decode_budgets(seq.num_visual, L, seq.cursor)
-            if any(seq.visual_per_layer[layer] > b[layer] for layer in events):
+            if self.policy.needs_decode_scores(seq.num_visual, L, seq.cursor, seq.visual_per_layer):
+                b = self.policy.decode_budgets(seq.num_visual, L, seq.cursor)
                 seqs.append(seq)
                 budgets.append([b[layer] for layer in events])
         if not seqs:
             return 0
         seats = [s.seat for s in seqs]
-        visual, _, _ = self.cache.entry_visual(seats)                       # [B, L, W]
+        visual, slots, valid = self.cache.entry_visual(seats)               # [B, L, W]
         n = max(s.num_visual for s in seqs)
         idx = torch.where(visual >= 0, visual, n).long()                   # column n: not visual
         present = torch.zeros(len(seqs), len(events), n + 1, dtype=torch.bool)
@@ -125,7 +125,7 @@ class Scheduler:
         gone = torch.cat([torch.zeros_like(gone[:, :1]), gone], 1)          # row 0: "no event yet"
         gone = torch.nn.functional.pad(gone, (0, 1))                        # column n: never gone
         remove = gone[:, k_of + 1].gather(2, idx)                           # [B, L, W]
-        freed, dst, src = self.cache.trim(seats, remove)
+        freed, dst, src = self.cache.trim(seats, remove, (slots, valid))
         self.cache.move(dst, src)
         for seq, removed in zip(seqs, remove.sum(2).tolist()):
             seq.visual_per_layer = [k - r for k, r in zip(seq.visual_per_layer, removed)]

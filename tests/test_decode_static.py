@@ -114,3 +114,25 @@ def _sync_probe(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.Tensor, "item", boom)
         torch.ones(1).item()
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_score_rows_only_while_annealing(model_dir, pad):
+    """ST3 decode forwards produce score rows during the anneal and skip them once budgets stop shrinking."""
+    llm = LLM(model_dir, policy="st3", policy_params={"anneal_steps": 4, "anneal_floor": 0.2},
+              num_kv_blocks=700, block_size=4, max_num_seqs=6)
+    llm.runner.pad_batches = pad
+    inner, calls = llm.runner.decode_forward, []
+
+    def spy(*args, **kwargs):
+        calls.append(bool(args[5]))  # score_layers
+        return inner(*args, **kwargs)
+    llm.runner.decode_forward = spy
+    reqs, _ = _requests()
+    llm.generate(reqs[:1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    # Token t's eviction uses forward t-1's scores; budgets stop shrinking at t = anneal_steps.
+    assert calls == [True] * 3 + [False] * 8, calls
+    assert llm.policy.needs_decode_scores(36, 6, 2, [36] * 6)
+    floor = llm.policy.decode_budgets(36, 6, 9)  # event layers 2 and 4
+    assert not llm.policy.needs_decode_scores(36, 6, 9, [36, 36, floor[2], floor[2], floor[4], floor[4]])
+    assert llm.policy.needs_decode_scores(36, 6, 9, [36, 36, floor[2] + 1, floor[2], floor[4], floor[4]])

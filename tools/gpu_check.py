@@ -180,7 +180,7 @@ def hbm_read_bw() -> float:
 def replay_ms(llm: LLM, n: int = 50) -> float:
     """Device time of one batch-1 decode graph at the bench's width (no host work between replays)."""
     need = -(-700 // llm.cache.block_size)  # the bench's contexts: ~650 prompt + 64 generated tokens
-    key = (1, min(w for w in llm.runner.widths if w >= need))
+    key = (1, min(w for w in llm.runner.widths if w >= need), bool(llm.runner.decode_score_layers))
     llm.runner.graphs.replay(*key)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
