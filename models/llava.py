@@ -56,6 +56,10 @@ class LlavaForConditionalGeneration(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Dense reference forward: [B, T] ids (image ids already expanded) -> [B, T, vocab] logits."""
+        return self.dense_logits(input_ids, pixel_values)
+
+    def dense_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` with autograd on: what tools/train_demo.py trains through."""
         feats = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, feats)
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)

@@ -91,7 +91,7 @@ def _write_side_files(out: Path, text_vocab_size: int, legacy: bool) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
 
 
-def _write_json(out: Path, text_vocab_size: int, seed: int) -> None:
+def _write_json(out: Path, text_vocab_size: int, seed: int, corpus: list[str] | None = None) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     budget = text_vocab_size - NUM_BASE  # learned pieces
@@ -102,7 +102,7 @@ def _write_json(out: Path, text_vocab_size: int, seed: int) -> None:
     trainer_tok.normalizer = normalizer
     trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Digits(individual_digits=True)])
-    lines = _corpus(min(budget, 20000), seed)
+    lines = corpus if corpus is not None else _corpus(min(budget, 20000), seed)
     trainer = trainers.BpeTrainer(vocab_size=max(budget, 1), limit_alphabet=max(min(budget, 1000), 1),
                                   show_progress=False, special_tokens=[])
     trainer_tok.train_from_iterator(lines, trainer=trainer)
@@ -175,8 +175,14 @@ def _write_sentencepiece(out: Path, text_vocab_size: int, seed: int) -> None:
     (out / "added_tokens.json").write_text(json.dumps({IMAGE_TOKEN: text_vocab_size, PAD_TOKEN: text_vocab_size + 1}))
 
 
-def write_tokenizer(out_dir, text_vocab_size: int, kind: str = "json", seed: int = 0) -> dict:
-    """Write a deterministic LLaMA-like tokenizer (tokenizer.json or tokenizer.model) into out_dir."""
+def write_tokenizer(out_dir, text_vocab_size: int, kind: str = "json", seed: int = 0,
+                    corpus: list[str] | None = None) -> dict:
+    """Write a deterministic LLaMA-like tokenizer (tokenizer.json or tokenizer.model) into out_dir.
+
+    `corpus` (tokenizer.json only): lines to learn the merges from instead of the built-in text.
+    """
+    if corpus is not None and kind != "json":
+        raise ValueError("a custom corpus is supported for the tokenizer.json kind only")
     if kind not in ("json", "sentencepiece"):
         raise ValueError(f"tokenizer kind must be 'json' or 'sentencepiece', got {kind!r}")
     if not isinstance(text_vocab_size, int) or not NUM_BASE + 1 <= text_vocab_size <= 99_999:
@@ -184,7 +190,7 @@ def write_tokenizer(out_dir, text_vocab_size: int, kind: str = "json", seed: int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if kind == "json":
-        _write_json(out, text_vocab_size, seed)
+        _write_json(out, text_vocab_size, seed, corpus)
     else:
         _write_sentencepiece(out, text_vocab_size, seed)
     # legacy=True: every text chunk between special tokens gets its own "▁" prefix, which is how

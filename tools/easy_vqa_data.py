@@ -1,0 +1,131 @@
+"""The easy-VQA dataset (PyPI `easy-vqa` 1.0, MIT licence) as LLaVA conversations, plus a caption task.
+
+easy-VQA has 4,000 train and 1,000 test 64x64 images, each one shape (circle, rectangle, triangle)
+in one of eight colours on a pale background, with ~48k questions over 13 one-word answers. Its
+questions are short, so this module adds "describe the image." whose target sentence is built from
+the image's labels and from its pixels (the shape's size and where it sits):
+
+    a large teal circle in the top left.
+
+That answer is long enough for ST3's decode-time annealing to act, and it can only be right if
+the model really looks at where the shape is.
+
+    pip install easy-vqa==1.0        # or: pip install -e '.[demo]'
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+DESCRIBE = "describe the image."
+
+
+@dataclass
+class Example:
+    image_id: int
+    image_path: Path
+    color: str
+    shape: str
+    caption: str
+    qa: list[tuple[str, str]]  # (question, answer), easy-VQA's own
+
+
+def data_root() -> Path:
+    """Where the installed easy_vqa package keeps its data (a clear error when it is not installed)."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise SystemExit("easy-VQA is not installed: pip install easy-vqa==1.0 (or pip install -e '.[demo]')")
+    return Path(easy_vqa.__file__).parent / "data"
+
+
+def _labels(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """Colour and shape of an image from its own questions ('what color is the circle?' -> blue, ...)."""
+    color = shape = None
+    for q, a in qa:
+        words = q.rstrip("?").split()
+        if a in COLORS:
+            color = a
+        if a in SHAPES:
+            shape = a
+        if q.startswith("what") and words[-1] in SHAPES:      # 'what color is the triangle?'
+            shape = words[-1]
+        if q.startswith("what is the ") and words[3] in COLORS:  # 'what is the blue shape?'
+            color = words[3]
+        if a in ("yes", "no") and (a == "yes") != ("not" in words or "no" in words):  # 'is no circle present?' -> no
+            color = next((w for w in words if w in COLORS), color)
+            shape = next((w for w in words if w in SHAPES), shape)
+    return color, shape
+
+
+def _shape_mask(a: np.ndarray) -> np.ndarray:
+    return np.abs(a - a[0, 0]).sum(-1) > 60  # the corner is background
+
+
+def _shape_rgb(a: np.ndarray) -> tuple[int, ...]:
+    """The shape's fill colour: its most common pixel (edges are anti-aliased blends)."""
+    pixels, counts = np.unique(a[_shape_mask(a)], axis=0, return_counts=True)
+    return tuple(int(c) for c in pixels[counts.argmax()])
+
+
+def _shape_kind(a: np.ndarray) -> str:
+    """Circle, rectangle or triangle from how much of its bounding box the shape fills (pi/4, 1, 1/2)."""
+    ys, xs = np.nonzero(_shape_mask(a))
+    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "rectangle" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
+
+def caption(image: Image.Image, color: str, shape: str) -> str:
+    """'a <size> <color> <shape> in the <top|middle|bottom> <left|center|right>.' from the pixels."""
+    a = np.asarray(image.convert("RGB")).astype(np.int32)
+    mask = _shape_mask(a)
+    if not mask.any():
+        return f"a {color} {shape}."
+    ys, xs = np.nonzero(mask)
+    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    size = "small" if side < 19 else "medium" if side < 27 else "large"  # tertiles of the train split
+    cy, cx = (ys.min() + ys.max()) / 2 / a.shape[0], (xs.min() + xs.max()) / 2 / a.shape[1]
+    row = "top" if cy < 0.4 else "bottom" if cy > 0.6 else "middle"
+    col = "left" if cx < 0.4 else "right" if cx > 0.6 else "center"
+    return f"a {size} {color} {shape} in the {row} {col}."
+
+
+def load_split(split: str, root: Path | None = None) -> list[Example]:
+    """All images of 'train' or 'test' with their questions and a caption."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = (root or data_root()) / split
+    per_image: dict[int, list[tuple[str, str]]] = {}
+    for q, a, i in json.loads((d / "questions.json").read_text()):
+        per_image.setdefault(int(i), []).append((q, a))
+    images, labels = {}, {}
+    for i in sorted(per_image):
+        with Image.open(d / "images" / f"{i}.png") as im:
+            images[i] = im.convert("RGB")
+        labels[i] = _labels(per_image[i])
+    # A few images are only asked negative questions; their pixels name the colour and shape.
+    palette = {_shape_rgb(np.asarray(images[i]).astype(np.int32)): c for i, (c, _) in labels.items() if c}
+    out = []
+    for i, (color, shape) in labels.items():
+        a = np.asarray(images[i]).astype(np.int32)
+        color, shape = color or palette.get(_shape_rgb(a)), shape or _shape_kind(a)
+        if color is None or shape is None:
+            raise ValueError(f"easy-VQA {split} image {i}: cannot tell its colour/shape from its questions")
+        out.append(Example(i, d / "images" / f"{i}.png", color, shape, caption(images[i], color, shape),
+                           per_image[i]))
+    return out
+
+
+def corpus(examples: list[Example]) -> list[str]:
+    """Lines to learn the tokenizer's merges from: every question, answer, caption and the chat frame."""
+    lines = {"USER: ASSISTANT:", DESCRIBE}
+    for e in examples:
+        lines.add(e.caption)
+        lines.update(q + " " + a for q, a in e.qa)
+    return sorted(lines)

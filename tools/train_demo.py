@@ -1,0 +1,212 @@
+"""Train the shipped demo model: a small LLaVA, from scratch, on easy-VQA plus a caption task, on CPU.
+
+    pip install -e '.[demo]'
+    python -m tools.train_demo --out models/demo --minutes 45
+
+The model is built from the same `models/` classes the engine serves (autograd through
+`dense_logits`), and saved in the llava-hf layout with its tokenizer and preprocessor config.
+
+Sizes, and why:
+  * 64x64 images (easy-VQA's own size) cut into 4x4 patches: 256 visual tokens, so visual tokens
+    dominate the sequence as in LLaVA-1.5 (576 of ~650) and pruning has something to prune.
+  * CLIP-style tower: 3 layers of width 96 (LLaVA reads the second-to-last, so 2 run).
+  * Decoder: 8 layers of width 128 (4 heads, SwiGLU 344): deep enough that PVTP's schedule
+    (events at layers 2, 4, 6) and ST3's annealing act on several layers. About 2M parameters,
+    ~8 MB in fp32, so the checkpoint can live in the repository.
+  * Each training sequence is one image with all of its questions as a multi-turn conversation
+    (shuffled, with "describe the image." among them), so the 256 visual tokens are encoded once per
+    image rather than once per question: ~6x less compute per epoch on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.image import load_preprocessor_config, preprocess
+from models.llava import LlavaForConditionalGeneration
+from models.tokenizer import Tokenizer
+from tools.easy_vqa_data import DESCRIBE, Example, corpus, load_split
+from tools.make_tiny_model import _hf_config, _save, build_config, random_state_dict, CLIP_MEAN, CLIP_STD
+from tools.tiny_tokenizer import write_tokenizer
+
+SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=4, kv_heads=4,
+             vision_hidden=96, vision_intermediate=192, vision_layers=3, vision_heads=4,
+             image_size=64, patch_size=4, max_positions=1024)
+
+
+def write_side_files(out: Path, train: list[Example]) -> None:
+    """Tokenizer (merges learned from the dataset's text), config and preprocessor config."""
+    write_tokenizer(out, SIZES["text_vocab"], corpus=corpus(train))
+    cfg = build_config(SIZES)
+    (out / "config.json").write_text(json.dumps(_hf_config(cfg, "float32"), indent=2))
+    size = SIZES["image_size"]
+    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+
+class Conversations:
+    """Turns an Example into (input ids with the image expanded, target ids with -100 off the answers)."""
+
+    def __init__(self, tok: Tokenizer, image_token: int, num_visual: int):
+        self.tok, self.image_token, self.num_visual = tok, image_token, num_visual
+        self.eos = tok.eos_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def _enc(self, text: str) -> list[int]:  # no BOS: a continuation
+        if text not in self._cache:
+            ids = self.tok.encode(text)
+            self._cache[text] = ids[1:] if ids and ids[0] == self.tok.bos_token_id else ids
+        return self._cache[text]
+
+    def build(self, ex: Example, rng: random.Random) -> tuple[list[int], list[int]]:
+        turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
+        rng.shuffle(turns)
+        first = self.tok.encode(self.tok.chat_prompt(turns[0][0], 1))  # exactly what the engine builds
+        i = first.index(self.image_token)
+        ids = first[:i] + [self.image_token] * self.num_visual + first[i + 1:]
+        labels = [-100] * len(ids)
+        for k, (q, a) in enumerate(turns):
+            if k:
+                p = self._enc(f"USER: {q} ASSISTANT:")
+                ids += p
+                labels += [-100] * len(p)
+            ans = self._enc(a) + [self.eos]
+            ids += ans
+            labels += ans
+        return ids, labels
+
+
+def batches(examples: list[Example], conv: Conversations, pixels: dict[int, torch.Tensor], batch: int,
+            rng: random.Random, pad: int):
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for s in range(0, len(order) - batch + 1, batch):
+        exs = [examples[i] for i in order[s:s + batch]]
+        seqs = [conv.build(e, rng) for e in exs]
+        n = max(len(ids) for ids, _ in seqs)
+        ids = torch.tensor([i + [pad] * (n - len(i)) for i, _ in seqs])
+        labels = torch.tensor([lab + [-100] * (n - len(lab)) for _, lab in seqs])
+        yield ids, labels, torch.stack([pixels[e.image_id] for e in exs])
+
+
+def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
+    """GPT-2 style: N(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@torch.no_grad()
+def quick_accuracy(model, conv: Conversations, examples: list[Example], pixels, n: int = 200) -> float:
+    """Teacher-forced exact-match on the first turn of n test conversations (a cheap progress signal)."""
+    rng, hits = random.Random(0), 0
+    for e in examples[:n]:
+        ids, labels = conv.build(e, rng)
+        end = next(i for i in range(len(labels)) if labels[i] != -100)
+        stop = labels.index(conv.eos, end) + 1
+        logits = model.dense_logits(torch.tensor([ids[:stop]]), pixels[e.image_id][None])
+        pred = logits[0, end - 1:stop - 1].argmax(-1).tolist()
+        hits += pred == ids[end:stop]
+    return hits / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="models/demo")
+    ap.add_argument("--minutes", type=float, default=45.0, help="stop after this much training time")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_split("train"), load_split("test")
+    write_side_files(out, train)
+    tok = Tokenizer.from_dir(out)
+    cfg = build_config(SIZES)
+    model = LlavaForConditionalGeneration(cfg)
+    init_weights(model, args.seed)
+    model.language_model.model.rotary_emb.reset()
+    num_visual = (SIZES["image_size"] // SIZES["patch_size"]) ** 2
+    conv = Conversations(tok, cfg.image_token_index, num_visual)
+    pre = load_preprocessor_config(out, SIZES["image_size"])
+    pixels = {e.image_id: preprocess(Image.open(e.image_path), pre) for e in train}
+    test_pixels = {e.image_id: preprocess(Image.open(e.image_path), pre) for e in test[:200]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    steps_per_epoch = len(train) // args.batch
+    total = steps_per_epoch * args.epochs
+    # Time-boxed cosine schedule: the horizon is the smaller of --epochs and what fits in --minutes,
+    # re-estimated from the measured step time after the first 20 steps.
+    horizon, warmup = total, 50
+    rng = random.Random(args.seed)
+    log = open(out / "train_log.txt", "w")
+    t0, step, done = time.perf_counter(), 0, False
+    print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {num_visual} visual tokens, "
+          f"{len(train)} train conversations, batch {args.batch}", flush=True)
+    for epoch in range(args.epochs):
+        model.train()
+        for ids, labels, pix in batches(train, conv, pixels, args.batch, rng, cfg.pad_token_id or 0):
+            if step == 20:
+                per_step = (time.perf_counter() - t0) / step
+                horizon = min(total, int(args.minutes * 60 / per_step))
+            lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            logits = model.dense_logits(ids, pix)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            elapsed = time.perf_counter() - t0
+            if step % 10 == 0:
+                line = (f"epoch {epoch} step {step}/{horizon} loss {loss.item():.4f} lr {lr:.2e} "
+                        f"{elapsed / 60:.1f} min")
+                print("\r" + line, end="", flush=True)
+                log.write(line + "\n")
+            if step % 100 == 0 or step >= horizon:
+                model.eval()
+                acc = quick_accuracy(model, conv, test, test_pixels)
+                model.train()
+                line = f"  step {step}: first-turn exact match on 200 test images {acc:.3f}"
+                print("\n" + line, flush=True)
+                log.write(line + "\n")
+                log.flush()
+            if step >= horizon:
+                done = True
+                break
+        if done:
+            break
+    sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite
+    sd.update({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    _save(sd, out, 1, torch.float32)
+    print(f"\nsaved {out} after {step} steps, {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
