@@ -1,19 +1,21 @@
-"""The model `python -m engine.generate` uses when no --model is given."""
+"""The model `python -m engine.generate` and `LLM()` use when no model is given.
+
+It is the small LLaVA that tools/train_demo.py trains from scratch on easy-VQA (64x64 images of one
+coloured circle, rectangle or triangle): it answers questions such as "what color is the shape?" or
+"is there a red shape?" and "describe the image.", and it ships inside the package (about 8 MB).
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-DEFAULT_SEED = 0
+from .errors import EngineError
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
 def default_model_dir() -> Path:
-    """A small random-weight LLaVA, written by tools.make_tiny_model into a cache directory on first use."""
-    root = Path(os.environ.get("ST3_CACHE_DIR", Path.home() / ".cache" / "st3-engine"))
-    out = root / f"tiny-random-seed{DEFAULT_SEED}"
-    if not (out / "config.json").exists():
-        from tools.make_tiny_model import make_tiny_model
-        tmp = root / f".tmp-{os.getpid()}"
-        make_tiny_model(tmp, preset="tiny", seed=DEFAULT_SEED, text_layers=8, image_size=64)
-        tmp.rename(out) if not out.exists() else None
-    return out
+    """The shipped easy-VQA demo checkpoint (llava-hf layout)."""
+    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        raise EngineError(f"the built-in demo model is missing from {DEMO_MODEL_DIR}; pass a model directory "
+                          "or retrain it with: python -m tools.train_demo --out engine/demo_model")
+    return DEMO_MODEL_DIR

@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     ap = Parser(prog="python -m engine.generate", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: a small random-weight model, made on first use)")
+    ap.add_argument("--model", help="model directory (default: the built-in easy-VQA demo model)")
     ap.add_argument("--image", help="image file; the prompt gets one <image>")
     ap.add_argument("--prompt", required=True, help="the question (or the whole prompt with --raw-prompt)")
     ap.add_argument("--raw-prompt", action="store_true", help="use --prompt as is, without the LLaVA chat template")
@@ -91,8 +91,9 @@ def run(args) -> int:
                             seed=args.seed, stop=args.stop)
     pparams = policy_params(args)
     if args.model is None:
-        print("note: no --model given, using a small default model with RANDOM weights: "
-              "its answers are gibberish", file=sys.stderr)
+        print("note: no --model given: using the built-in easy-VQA demo model (64x64 images of one coloured "
+              "circle, rectangle or triangle; ask e.g. 'what color is the shape?' or 'describe the image.')",
+              file=sys.stderr)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=args.policy, policy_params=pparams,
               num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
     num_images = 0 if args.image is None else 1

@@ -126,6 +126,22 @@ def quick_accuracy(model, conv: Conversations, examples: list[Example], pixels, 
     return hits / n
 
 
+def write_examples(out: Path, test: list[Example], n: int = 8) -> None:
+    """Copy the first n easy-VQA test images with their questions and captions into out/examples."""
+    d = out / "examples"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for e in test[:n]:
+        name = f"easy-vqa-test-{e.image_id}.png"
+        (d / name).write_bytes(e.image_path.read_bytes())
+        rows.append({"image": name, "color": e.color, "shape": e.shape, "caption": e.caption,
+                     "qa": [list(x) for x in e.qa]})
+    (d / "examples.json").write_text(json.dumps(rows, indent=1))
+    (d / "LICENSE-easy-vqa.txt").write_text(
+        "The images in this folder are from the easy-VQA dataset (https://github.com/vzhou842/easy-VQA,\n"
+        "PyPI easy-vqa 1.0), Copyright (c) 2019 Victor Zhou, released under the MIT License.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/demo")
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_split("train"), load_split("test")
+    write_examples(out, test)
+    if args.examples_only:
+        return 0
     write_side_files(out, train)
     tok = Tokenizer.from_dir(out)
     cfg = build_config(SIZES)
