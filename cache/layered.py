@@ -118,13 +118,17 @@ class LayeredKVCache:
         self.visual[seats] = -1
         self.visual[seats, :, :vis.shape[2]] = vis
 
+    def _mirror(self, seats: list[int], width: int) -> torch.Tensor:
+        """The host mirror of these seats over entries 0..width-1 as a fresh [B, L, width] (-1 past its columns)."""
+        vis = torch.full((len(seats), self.num_layers, width), -1, dtype=torch.int32)
+        w = min(self.visual.shape[2], width)
+        vis[:, :, :w] = self.visual[seats, :, :w]
+        return vis
+
     def entry_visual(self, seats: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Visual index of every entry of these seats as [B, L, maxlen] (-1: text, generated, padding), slots, valid."""
         slots, valid = self.layer_slots(seats)
-        vis = torch.full(slots.shape, -1, dtype=torch.int32)
-        w = min(self.visual.shape[2], vis.shape[2])
-        vis[:, :, :w] = self.visual[seats, :, :w]
-        return torch.where(valid, vis, -1), slots, valid
+        return torch.where(valid, self._mirror(seats, slots.shape[2]), -1), slots, valid
 
     def trim(self, seats: list[int], remove: torch.Tensor,
              slots_valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -145,8 +149,7 @@ class LayeredKVCache:
         dst, src = slots[holes], slots[sources]
         w = min(self.visual.shape[2], slots.shape[2])
         if w:
-            vis = torch.full(slots.shape, -1, dtype=torch.int32)
-            vis[:, :, :w] = self.visual[seats, :, :w]
+            vis = self._mirror(seats, slots.shape[2])
             vis[holes] = vis[sources]
             vis[~below] = -1  # later appends land here, and they are not visual
             self.visual[seats, :, :w] = vis[:, :, :w]

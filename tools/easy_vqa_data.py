@@ -81,9 +81,8 @@ def _shape_kind(a: np.ndarray) -> str:
     return "rectangle" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
 
 
-def caption(image: Image.Image, color: str, shape: str) -> str:
-    """'a <size> <color> <shape> in the <top|middle|bottom> <left|center|right>.' from the pixels."""
-    a = np.asarray(image.convert("RGB")).astype(np.int32)
+def caption(a: np.ndarray, color: str, shape: str) -> str:
+    """'a <size> <color> <shape> in the <top|middle|bottom> <left|center|right>.' from RGB pixels [H, W, 3]."""
     mask = _shape_mask(a)
     if not mask.any():
         return f"a {color} {shape}."
@@ -104,21 +103,21 @@ def load_split(split: str, root: Path | None = None) -> list[Example]:
     per_image: dict[int, list[tuple[str, str]]] = {}
     for q, a, i in json.loads((d / "questions.json").read_text()):
         per_image.setdefault(int(i), []).append((q, a))
-    images, labels = {}, {}
+    pixels, labels = {}, {}
     for i in sorted(per_image):
         with Image.open(d / "images" / f"{i}.png") as im:
-            images[i] = im.convert("RGB")
+            pixels[i] = np.asarray(im.convert("RGB")).astype(np.int32)
         labels[i] = _labels(per_image[i])
     # A few images are only asked negative questions; their pixels name the colour and shape.
-    palette = {_shape_rgb(np.asarray(images[i]).astype(np.int32)): c for i, (c, _) in labels.items() if c}
+    fills = {i: _shape_rgb(a) for i, a in pixels.items()}
+    palette = {fills[i]: c for i, (c, _) in labels.items() if c}
     out = []
     for i, (color, shape) in labels.items():
-        a = np.asarray(images[i]).astype(np.int32)
-        color, shape = color or palette.get(_shape_rgb(a)), shape or _shape_kind(a)
+        a = pixels[i]
+        color, shape = color or palette.get(fills[i]), shape or _shape_kind(a)
         if color is None or shape is None:
             raise ValueError(f"easy-VQA {split} image {i}: cannot tell its colour/shape from its questions")
-        out.append(Example(i, d / "images" / f"{i}.png", color, shape, caption(images[i], color, shape),
-                           per_image[i]))
+        out.append(Example(i, d / "images" / f"{i}.png", color, shape, caption(a, color, shape), per_image[i]))
     return out
 
 

@@ -169,6 +169,14 @@ def _original_config(cfg: LlavaConfig, dtype: str) -> dict:
     }
 
 
+def preprocessor_config(size: int) -> dict:
+    """CLIPImageProcessor settings (LLaVA-1.5's) at `size` pixels, as preprocessor_config.json holds them."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+
+
 def make_tiny_model(out_dir: str | Path, preset: str = "tiny", layout: str = "hf", shards: int = 1,
                     seed: int = 0, dtype: str = "float32", tokenizer: str = "json", **overrides) -> Path:
     """Write a checkpoint directory and return its path. `overrides` use PRESETS' key names."""
@@ -184,11 +192,7 @@ def make_tiny_model(out_dir: str | Path, preset: str = "tiny", layout: str = "hf
     main, clip = _rename(random_state_dict(cfg, seed, torch_dtype), layout, cfg)
     _save(main, out, shards, torch_dtype)
     write_tokenizer(out, p["text_vocab"], kind=tokenizer)
-    size = cfg.vision.image_size
-    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+    pre = preprocessor_config(cfg.vision.image_size)
     if layout == "original":
         (out / "config.json").write_text(json.dumps(_original_config(cfg, dtype), indent=2))
         clip_dir = out / "clip-vision"

@@ -35,7 +35,7 @@ from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
 from tools.easy_vqa_data import DESCRIBE, Example, corpus, load_split
-from tools.make_tiny_model import _hf_config, _save, build_config, random_state_dict, CLIP_MEAN, CLIP_STD
+from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
 
 SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=4, kv_heads=4,
@@ -48,11 +48,7 @@ def write_side_files(out: Path, train: list[Example]) -> None:
     write_tokenizer(out, SIZES["text_vocab"], corpus=corpus(train))
     cfg = build_config(SIZES)
     (out / "config.json").write_text(json.dumps(_hf_config(cfg, "float32"), indent=2))
-    size = SIZES["image_size"]
-    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+    pre = preprocessor_config(SIZES["image_size"])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
 
