@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from tools.easy_vqa_data import DESCRIBE, load_split
+from tools.easy_vqa_data import COLORS, DESCRIBE, SHAPES, load_split
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
                     "st3:ratio=0.5,anneal_floor=0.25,anneal_steps=8",
@@ -52,6 +52,11 @@ class Timed:
             setattr(llm.runner, phase, timed)
 
 
+def answer_kind(gold: str) -> str:
+    """Which of easy-VQA's three question families a gold answer belongs to."""
+    return "colour" if gold in COLORS else "shape" if gold in SHAPES else "yes/no"
+
+
 def evaluate(model: Path, setting: str, questions: list, captions: list, max_num_seqs: int) -> dict:
     name, params = parse_setting(setting)
     llm = LLM(model, policy=name, policy_params=params, max_num_seqs=max_num_seqs)
@@ -63,6 +68,9 @@ def evaluate(model: Path, setting: str, questions: list, captions: list, max_num
     return {
         "setting": setting, "answers": answers,
         "accuracy": sum(a == gold for a, (_, _, gold) in zip(answers, questions)) / max(nq, 1),
+        "accuracy_by_kind": {kind: sum(a == gold for a, (_, _, gold) in zip(answers, questions) if answer_kind(gold) == kind)
+                             / max(1, sum(answer_kind(g) == kind for _, _, g in questions))
+                             for kind in ("yes/no", "colour", "shape")},
         "caption_exact": sum(a == gold for a, (_, _, gold) in zip(answers[nq:], captions)) / max(len(captions), 1),
         "prefill_s": timer.prefill, "decode_s": timer.decode,
         "kv_blocks_per_request": sum(o.stats["kv_peak_blocks"] for o in outs) / len(outs),
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in settings:
         r = evaluate(Path(args.model), s, questions, captions, args.max_num_seqs)
         results.append(r)
-        print(f"{s}: accuracy {r['accuracy']:.4f}", flush=True)
+        by_kind = ", ".join(f"{k} {v:.4f}" for k, v in r["accuracy_by_kind"].items())
+        print(f"{s}: accuracy {r['accuracy']:.4f} ({by_kind})", flush=True)
     full = next((r for r in results if r["setting"] == "full"), results[0])
     nq = len(questions)
     print(f"\n{len(questions)} questions, {len(captions)} captions, model {args.model}\n")
