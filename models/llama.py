@@ -120,12 +120,18 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path."""
+    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path.
+
+        attn_mask ([B, T, T] bool, True = may attend) replaces the causal mask, e.g. for packed samples.
+        """
         def attend(_: int, q, k, v):
             rep = q.shape[-2] // k.shape[-2]
             q, k, v = (t.transpose(-3, -2) for t in (q, k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
+            if attn_mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None]).transpose(-3, -2)
 
         cos, sin = self.model.rotary_emb(positions, embeds.dtype)
         h = embeds

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
@@ -61,7 +62,14 @@ def write_side_files(out: Path, train: list[Example]) -> None:
 
 
 class Conversations:
-    """Turns an Example into (input ids with the image expanded, target ids with -100 off the answers)."""
+    """Packs an Example into one sequence: the image prompt once, then every question as its own sample.
+
+    Each question sees the shared prefix (BOS, "USER: ", the 256 visual tokens) and itself only, at the
+    positions it would have as a lone first turn, so the packed sequence trains exactly the single-turn
+    samples the engine serves while the visual tokens are computed once per image. A plain multi-turn
+    conversation is cheaper to write but lets later questions read earlier answers (the caption names
+    the colour and shape), and a model trained that way answered first-turn yes/no questions at 84%.
+    """
 
     def __init__(self, tok: Tokenizer, image_token: int, num_visual: int):
         self.tok, self.image_token, self.num_visual = tok, image_token, num_visual
@@ -74,36 +82,62 @@ class Conversations:
             self._cache[text] = ids[1:] if ids and ids[0] == self.tok.bos_token_id else ids
         return self._cache[text]
 
-    def build(self, ex: Example, rng: random.Random) -> tuple[list[int], list[int]]:
+    def prompt(self, question: str) -> list[int]:
+        """Exactly what the engine feeds for a first turn, with `<image>` expanded to the visual tokens."""
+        key = "\0prompt\0" + question
+        if key not in self._cache:
+            ids = self.tok.encode(self.tok.chat_prompt(question, 1))
+            i = ids.index(self.image_token)
+            self._cache[key] = ids[:i] + [self.image_token] * self.num_visual + ids[i + 1:]
+        return self._cache[key]
+
+    def build(self, ex: Example) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(ids, labels, positions, segments): labels are -100 off the answers, segment 0 is the shared
+        prefix and segment k the k-th question with its answer."""
         turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
-        rng.shuffle(turns)
-        first = self.tok.encode(self.tok.chat_prompt(turns[0][0], 1))  # exactly what the engine builds
-        i = first.index(self.image_token)
-        ids = first[:i] + [self.image_token] * self.num_visual + first[i + 1:]
-        labels = [-100] * len(ids)
-        for k, (q, a) in enumerate(turns):
-            if k:
-                p = self._enc(f"USER: {q} ASSISTANT:")
-                ids += p
-                labels += [-100] * len(p)
-            ans = self._enc(a) + [self.eos]
-            ids += ans
-            labels += ans
-        return ids, labels
+        prompts = [self.prompt(q) for q, _ in turns]
+        shared = 0
+        while all(len(p) > shared + 1 and p[shared] == prompts[0][shared] for p in prompts):
+            shared += 1  # stops at least one token short of every prompt: each turn keeps its own text
+        if shared < prompts[0].index(self.image_token) + self.num_visual:
+            raise ValueError("packing: the questions differ before the image ends")
+        ids, positions = prompts[0][:shared], list(range(shared))
+        labels, segments = [-100] * shared, [0] * shared
+        for k, ((_, answer), prompt) in enumerate(zip(turns, prompts), 1):
+            ans = self._enc(answer) + [self.eos]
+            own = prompt[shared:] + ans
+            ids += own
+            labels += [-100] * (len(prompt) - shared) + ans
+            positions += range(shared, shared + len(own))
+            segments += [k] * len(own)
+        return ids, labels, positions, segments
+
+
+def packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] segment ids -> [B, T, T] bool: causal, and a token sees the prefix (0) and its own segment."""
+    causal = torch.ones(segments.shape[-1], segments.shape[-1], dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return causal & (same | (segments[:, None, :] == 0))
+
+
+def collate(seqs: list[tuple[list[int], list[int], list[int], list[int]]], pad: int):
+    """Pad built sequences to the longest: ids, labels, positions, mask (padding is its own segment, -1)."""
+    n = max(len(s[0]) for s in seqs)
+    fill = (pad, -100, 0, -1)
+    ids, labels, positions, segments = (torch.tensor([s[f] + [fill[f]] * (n - len(s[f])) for s in seqs])
+                                        for f in range(4))
+    return ids, labels, positions, packed_mask(segments), segments
 
 
 def batches(examples: list[Example], conv: Conversations, feats: torch.Tensor, batch: int,
             rng: random.Random, pad: int):
-    """(ids, labels, vision features) batches of whole conversations, padded to the longest."""
+    """(ids, labels, positions, mask, vision features) batches of packed images, in a shuffled order."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     for s in range(0, len(order) - batch + 1, batch):
         rows = order[s:s + batch]
-        seqs = [conv.build(examples[i], rng) for i in rows]
-        n = max(len(ids) for ids, _ in seqs)
-        ids = torch.tensor([i + [pad] * (n - len(i)) for i, _ in seqs])
-        labels = torch.tensor([lab + [-100] * (n - len(lab)) for _, lab in seqs])
-        yield ids, labels, feats[rows]
+        ids, labels, positions, mask, _ = collate([conv.build(examples[i]) for i in rows], pad)
+        yield ids, labels, positions, mask, feats[rows]
 
 
 @torch.no_grad()
@@ -112,11 +146,22 @@ def tower_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor, c
     return torch.cat([model.vision_tower(pixels[s:s + chunk])[:, 1:] for s in range(0, len(pixels), chunk)])
 
 
-def logits_from_features(model: LlavaForConditionalGeneration, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+def logits_from_features(model: LlavaForConditionalGeneration, ids: torch.Tensor, feats: torch.Tensor,
+                         positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """dense_logits with the tower's output given: projector, splice, decoder (all with autograd)."""
     embeds = model.embed(ids, model.multi_modal_projector(feats))
-    positions = torch.arange(ids.shape[-1]).expand_as(ids)
-    return model.language_model.forward_dense(embeds, positions)
+    return model.language_model.forward_dense(embeds, positions, mask)
+
+
+def load_tower(model: LlavaForConditionalGeneration, src: Path) -> None:
+    """Copy a trained vision tower out of an earlier checkpoint of the same sizes, and freeze it."""
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        own = model.vision_tower.state_dict()
+        missing = [k for k in own if f"vision_tower.{k}" not in f.keys()]
+        if missing:
+            raise ValueError(f"--tower-from {src}: no {missing[0]} (and {len(missing) - 1} more)")
+        model.vision_tower.load_state_dict({k: f.get_tensor(f"vision_tower.{k}") for k in own})
+    model.vision_tower.requires_grad_(False).eval()
 
 
 def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
@@ -131,17 +176,19 @@ def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
 
 
 @torch.no_grad()
-def quick_accuracy(model, conv: Conversations, examples: list[Example], pixels: torch.Tensor, n: int = 200) -> float:
-    """Teacher-forced exact-match on the first turn of n test conversations (a cheap progress signal)."""
-    rng, hits = random.Random(0), 0
-    for k, e in enumerate(examples[:n]):
-        ids, labels = conv.build(e, rng)
-        end = next(i for i in range(len(labels)) if labels[i] != -100)
-        stop = labels.index(conv.eos, end) + 1
-        logits = model.dense_logits(torch.tensor([ids[:stop]]), pixels[k:k + 1])
-        pred = logits[0, end - 1:stop - 1].argmax(-1).tolist()
-        hits += pred == ids[end:stop]
-    return hits / n
+def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: torch.Tensor, n: int = 200) -> float:
+    """Teacher-forced exact match of every question of n test images, each as a first turn."""
+    hits = total = 0
+    for s in range(0, n, 25):
+        ids, labels, positions, mask, segments = collate([conv.build(e) for e in examples[s:s + 25]], 0)
+        pred = logits_from_features(model, ids, feats[s:s + 25], positions, mask).argmax(-1)
+        wrong = (labels[:, 1:] != -100) & (pred[:, :-1] != labels[:, 1:])
+        seg = segments[:, 1:]
+        for b in range(len(ids)):
+            turns = seg[b][seg[b] > 0].unique()
+            hits += len(turns) - len(seg[b][wrong[b]].unique())
+            total += len(turns)
+    return hits / total
 
 
 def write_examples(out: Path, test: list[Example], n: int = 8) -> None:
@@ -182,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tower-from", default=None,
+                    help="skip stage 1: take the trained vision tower from this earlier train_demo output")
     ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
     if args.threads:
@@ -208,12 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     log = Log(out / "train_log.txt")
     t0 = time.perf_counter()
 
-    log(f"stage 1: vision tower ({sum(p.numel() for p in model.vision_tower.parameters()) / 1e6:.2f}M parameters) "
-        f"on image labels, {args.tower_minutes:g} min")
-    acc = pretrain_tower(model.vision_tower, pixels, tower_labels(train), test_pixels, tower_labels(test),
-                         minutes=args.tower_minutes, seed=args.seed, log=log)
-    log(f"stage 1 done: test accuracy {acc}, frozen")
-    feats = tower_features(model, pixels)
+    if args.tower_from:
+        load_tower(model, Path(args.tower_from))
+        log(f"stage 1 skipped: vision tower taken from {args.tower_from}, frozen")
+    else:
+        log(f"stage 1: vision tower ({sum(p.numel() for p in model.vision_tower.parameters()) / 1e6:.2f}M "
+            f"parameters) on image labels, {args.tower_minutes:g} min")
+        acc = pretrain_tower(model.vision_tower, pixels, tower_labels(train), test_pixels, tower_labels(test),
+                             minutes=args.tower_minutes, seed=args.seed, log=log)
+        log(f"stage 1 done: test accuracy {acc}, frozen")
+    feats, test_feats = tower_features(model, pixels), tower_features(model, test_pixels[:200])
 
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"stage 2: projector + decoder ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
@@ -224,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     model.train()
     while not sched.done(step):
-        for ids, labels, f in batches(train, conv, feats, args.batch, rng, cfg.pad_token_id or 0):
+        for ids, labels, positions, mask, f in batches(train, conv, feats, args.batch, rng, cfg.pad_token_id or 0):
             for gr in opt.param_groups:
                 gr["lr"] = sched.lr(step)
-            logits = logits_from_features(model, ids, f)
+            logits = logits_from_features(model, ids, f, positions, mask)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -239,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sched.minutes_elapsed():.1f} min", bar=True)
             if step % 200 == 0 or sched.done(step):
                 model.eval()
-                acc = quick_accuracy(model, conv, test, test_pixels)
+                acc = quick_accuracy(model, conv, test, test_feats)
                 model.train()
-                log(f"  step {step}: first-turn exact match on 200 test images {acc:.3f}")
+                log(f"  step {step}: exact match, every question of 200 test images {acc:.3f}")
             if sched.done(step):
                 break
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite

@@ -1,0 +1,52 @@
+"""tools/train_demo.py's shared-prefix packing trains exactly the single-turn samples the engine serves."""
+from __future__ import annotations
+
+import random
+
+import torch
+from PIL import Image
+
+from engine.default_model import DEMO_MODEL_DIR
+from models.image import load_preprocessor_config, preprocess
+from models.loader import load_model
+from models.tokenizer import Tokenizer
+from tools.easy_vqa_data import DESCRIBE, Example
+from tools.train_demo import Conversations, collate, logits_from_features
+
+
+def _example(image: str) -> Example:
+    qa = [("what color is the shape?", "blue"), ("is there a circle?", "no"),
+          ("does the image not contain a gray shape?", "yes"), ("what shape is present?", "triangle")]
+    return Example(0, DEMO_MODEL_DIR / "examples" / image, "blue", "triangle",
+                   "a small blue triangle in the bottom right.", qa)
+
+
+def test_each_packed_question_equals_its_own_first_turn():
+    model = load_model(DEMO_MODEL_DIR)
+    tok = Tokenizer.from_dir(DEMO_MODEL_DIR)
+    cfg = model.config
+    num_visual = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    conv = Conversations(tok, cfg.image_token_index, num_visual)
+    examples = [_example("easy-vqa-test-0.png"), _example("easy-vqa-test-1.png")]
+    random.Random(0).shuffle(examples[1].qa)  # different lengths and orders across the batch: padding too
+    examples[1].qa.pop()
+    pre = load_preprocessor_config(DEMO_MODEL_DIR, cfg.vision.image_size)
+    pixels = torch.stack([preprocess(Image.open(e.image_path), pre) for e in examples])
+    feats = model.vision_tower(pixels)[:, 1:]
+    ids, labels, positions, mask, segments = collate([conv.build(e) for e in examples], pad=0)
+    packed = logits_from_features(model, ids, feats, positions, mask)
+
+    checked = 0
+    for b, e in enumerate(examples):
+        for k, (q, a) in enumerate(list(e.qa) + [(DESCRIBE, e.caption)], 1):
+            alone = conv.prompt(q) + conv._enc(a) + [conv.eos]
+            ref = model.dense_logits(torch.tensor([alone]), pixels[b:b + 1])[0]
+            rows = (segments[b] == k).nonzero().flatten()
+            n = len(rows)
+            assert ids[b, rows].tolist() == alone[-n:]           # the turn's own tokens, in order
+            assert positions[b, rows].tolist() == list(range(len(alone) - n, len(alone)))
+            torch.testing.assert_close(packed[b, rows], ref[-n:], rtol=1e-4, atol=1e-4)
+            answer = labels[b, rows][labels[b, rows] != -100].tolist()
+            assert answer == conv._enc(a) + [conv.eos]            # only the answer is trained
+            checked += 1
+    assert checked == 9
