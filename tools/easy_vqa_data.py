@@ -128,3 +128,30 @@ def corpus(examples: list[Example]) -> list[str]:
         lines.add(e.caption)
         lines.update(q + " " + a for q, a in e.qa)
     return sorted(lines)
+
+
+# easy-VQA's yes/no templates, as its generator writes them; the negated ones answer the opposite.
+YES_NO_TEMPLATES = tuple((t, neg) for neg, ts in (
+    (False, ("does the image contain a {}?", "is a {} present?", "is there a {} in the image?", "is there a {}?")),
+    (True, ("does the image not contain a {}?", "is no {} present?", "is there not a {} in the image?",
+            "is there not a {}?"))) for t in ts)
+
+
+def with_present_questions(examples: list[Example], per_image: int, seed: int) -> list[Example]:
+    """Examples with `per_image` extra yes/no questions about what IS in the image, in easy-VQA's templates.
+
+    easy-VQA's own yes/no questions mostly name a colour or shape that is absent (one of eight colours,
+    one of three shapes), so "no" (or "yes" when negated) is right ~83% of the time without looking; a
+    model trained on them alone learned exactly that prior and never matched the named colour against
+    the image. These extra questions, built from the labels, balance the two cases.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in examples:
+        extra = []
+        for _ in range(per_image):
+            template, negated = YES_NO_TEMPLATES[rng.integers(len(YES_NO_TEMPLATES))]
+            thing = f"{e.color} shape" if rng.random() < 0.5 else e.shape
+            extra.append((template.format(thing), "no" if negated else "yes"))
+        out.append(Example(e.image_id, e.image_path, e.color, e.shape, e.caption, list(e.qa) + extra))
+    return out

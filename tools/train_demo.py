@@ -41,7 +41,7 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import DESCRIBE, Example, corpus, load_split
+from tools.easy_vqa_data import DESCRIBE, Example, corpus, load_split, with_present_questions
 from tools.lr_schedule import TimeBoxedCosine
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
@@ -67,8 +67,8 @@ class Conversations:
     Each question sees the shared prefix (BOS, "USER: ", the 256 visual tokens) and itself only, at the
     positions it would have as a lone first turn, so the packed sequence trains exactly the single-turn
     samples the engine serves while the visual tokens are computed once per image. A plain multi-turn
-    conversation is cheaper to write but lets later questions read earlier answers (the caption names
-    the colour and shape), and a model trained that way answered first-turn yes/no questions at 84%.
+    conversation would let later questions read earlier answers (the caption names the colour and
+    shape) instead of the image.
     """
 
     def __init__(self, tok: Tokenizer, image_token: int, num_visual: int):
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=100, help="stage 2 stops after this many epochs at most")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--present-questions", type=int, default=3,
+                    help="extra yes/no questions per train image about what is in it (balances yes and no)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples_only:
         return 0
     write_side_files(out, train)
+    train = with_present_questions(train, args.present_questions, args.seed)  # all in easy-VQA's own wording
     tok = Tokenizer.from_dir(out)
     cfg = build_config(SIZES)
     model = LlavaForConditionalGeneration(cfg)

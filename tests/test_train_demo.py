@@ -50,3 +50,16 @@ def test_each_packed_question_equals_its_own_first_turn():
             assert answer == conv._enc(a) + [conv.eos]            # only the answer is trained
             checked += 1
     assert checked == 9
+
+
+def test_present_questions_name_what_is_there_and_answer_it():
+    from tools.easy_vqa_data import YES_NO_TEMPLATES, with_present_questions
+    ex = _example("easy-vqa-test-0.png")
+    (aug,) = with_present_questions([ex], per_image=40, seed=1)
+    assert aug.qa[:len(ex.qa)] == ex.qa
+    extra = aug.qa[len(ex.qa):]
+    assert len(extra) == 40 and {a for _, a in extra} == {"yes", "no"}
+    negated = {t.format(x): neg for t, neg in YES_NO_TEMPLATES for x in ("blue shape", "triangle")}
+    for q, a in extra:
+        assert q in negated, q                             # easy-VQA's own wording, the true colour or shape
+        assert a == ("no" if negated[q] else "yes"), q
