@@ -30,7 +30,7 @@ CHECKSUMS = {
     "examples/easy-vqa-test-6.png": "98e1174bb41ad741fd132b112ccd40545a27d35264b9970b30205e214f52ef28",
     "examples/easy-vqa-test-7.png": "4c9fdf3af129473af467019ed455a4ab8a701859799da4ddeb97a46b38adec6f",
     "examples/examples.json": "29de520c000b50bfa8aed0e60366526267922b58e276c7e3e17e6edad7deb3a0",
-    "model.safetensors": "2353aadfa73e65ddcd5b3b9b156f434b0ba866cb5d2a04d0575fcaa13337664a",
+    "model.safetensors": "2a19f51d3a0047c42a33e90b49707940af337eb82db7d9015936403e2e37af32",
     "preprocessor_config.json": "c489c50c9163e28fc2b631a167bc4c530505a48478d25a0c4a8cd972f1e4727f",
     "special_tokens_map.json": "a8e32cd9505b7cb01e60e7c62e72fe778ac8a7f46ddeb4c7d7f18c43e5c4251e",
     "tokenizer.json": "146476a926b7677ef0cfe9199c1d9c57f6ad2f0430e1aafab56b456bba097180",
@@ -66,30 +66,37 @@ def _ask(llm, items, policy_llm=None):
     return [o.text.strip() for o in outs]
 
 
-def test_it_names_the_colour_of_real_test_images(llm, examples):
-    # Colour questions are what the current demo model has learned (99% on the test split); shapes are
-    # at 43% (README: Demo model), so they are measured by tools/eval_vqa.py, not asserted here.
-    items = [(e["image"], "what color is the shape?") for e in examples]
-    assert _ask(llm, items) == [e["color"] for e in examples]
+def test_it_names_the_colour_and_shape_of_real_test_images(llm, examples):
+    # 99.6% and 98.3% on the whole test split (README: Demo model).
+    items = [(e["image"], q) for e in examples for q in ("what color is the shape?", "what shape is in the image?")]
+    assert _ask(llm, items) == [x for e in examples for x in (e["color"], e["shape"])]
 
 
 def test_it_answers_the_dataset_questions(llm, examples):
     """Every easy-VQA question of the shipped test images (yes/no, negations, colours, shapes).
 
-    The bar is the current model's (79.5% on the first 1,000 test questions), far above chance
-    (~50% on yes/no, 1/8 and 1/3 on colours and shapes); issue 7's goal is 95%.
+    The bar sits under the model's 87.2% on the whole test split (its yes/no answers, 83%, are the
+    weak part), far above chance (~50% on yes/no, 1/8 and 1/3 on colours and shapes); issue 7's goal
+    is 95%.
     """
     items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
     want = [a for e in examples for _, a in e["qa"]]
     got = _ask(llm, items)
     right = sum(g == w for g, w in zip(got, want))
-    assert right >= 0.7 * len(want), list(zip(items, got, want))
+    assert right >= 0.8 * len(want), list(zip(items, got, want))
 
 
 def test_st3_keeps_the_answers(llm, examples):
+    # On the whole test split ST3 (defaults) is 0.5 points under full (86.7% vs 87.2%); on these 81
+    # questions allow 3 more misses than full, and the shapes must all stay right.
     st3 = LLM(policy="st3")
-    items = [(e["image"], "what color is the shape?") for e in examples]
-    assert _ask(llm, items, st3) == [e["color"] for e in examples]
+    items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
+    want = [a for e in examples for _, a in e["qa"]]
+    full_right = sum(g == w for g, w in zip(_ask(llm, items), want))
+    st3_right = sum(g == w for g, w in zip(_ask(llm, items, st3), want))
+    assert st3_right >= full_right - 3, (st3_right, full_right)
+    shapes = [(e["image"], "what shape is in the image?") for e in examples]
+    assert _ask(llm, shapes, st3) == [e["shape"] for e in examples]
 
 
 def test_cli_without_a_model_answers_a_real_question(examples):

@@ -21,6 +21,11 @@ def _example(image: str) -> Example:
                    "a small blue triangle in the bottom right.", qa)
 
 
+def _image_token() -> int:
+    from models.config import load_config
+    return load_config(DEMO_MODEL_DIR).image_token_index
+
+
 def test_each_packed_question_equals_its_own_first_turn():
     model = load_model(DEMO_MODEL_DIR)
     tok = Tokenizer.from_dir(DEMO_MODEL_DIR)
@@ -63,3 +68,17 @@ def test_present_questions_name_what_is_there_and_answer_it():
     for q, a in extra:
         assert q in negated, q                             # easy-VQA's own wording, the true colour or shape
         assert a == ("no" if negated[q] else "yes"), q
+
+
+def test_multi_turn_conversation_starts_as_a_first_turn_and_trains_every_answer():
+    tok = Tokenizer.from_dir(DEMO_MODEL_DIR)
+    conv = Conversations(tok, _image_token(), 256)
+    ex = _example("easy-vqa-test-0.png")
+    ids, labels, positions, segments = conv.build_multi_turn(ex, random.Random(3))
+    assert positions == list(range(len(ids))) and set(segments) == {0}
+    first = next(i for i, lab in enumerate(labels) if lab != -100)
+    question = next(q for q, _ in list(ex.qa) + [(DESCRIBE, ex.caption)] if conv.prompt(q) == ids[:first])
+    assert ids[:first] == conv.prompt(question)                  # the first turn is what the engine feeds
+    trained = [t for t in labels if t != -100]
+    assert len(trained) == sum(len(conv._enc(a)) + 1 for _, a in list(ex.qa) + [(DESCRIBE, ex.caption)])
+    assert trained.count(conv.eos) == len(ex.qa) + 1
