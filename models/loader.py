@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .config import LlavaConfig, load_config
 from .llava import LlavaForConditionalGeneration
+from .llama import fuse_projections
 
 
 class CheckpointError(ValueError):
@@ -125,6 +126,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    fuse_projections(model.language_model)
     # An inference engine never needs gradients; without this, eager ops and graph capture would
     # record autograd history for every parameter they touch.
     return model.eval().requires_grad_(False)

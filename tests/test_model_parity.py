@@ -200,3 +200,22 @@ def test_linear_rope_scaling_is_applied(ckpt_root):
     a, b = load_model(base)(ids), load_model(scaled)(ids)
     assert torch.equal(a[:, 0], b[:, 0])  # position 0 is not rotated
     assert (a - b).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_fused_projections_are_views_and_change_nothing(ckpt_root):
+    """load_model stacks q/k/v and gate/up (fewer, larger decode matmuls) without copying or renaming."""
+    from models.loader import load_model
+    d = _write_checkpoint(ckpt_root, "fuse", {"kv_heads": 2}, None)
+    model = load_model(d)
+    attn, mlp = model.language_model.model.layers[0].self_attn, model.language_model.model.layers[0].mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv[0].untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up[0].untyped_storage().data_ptr()
+    assert torch.equal(attn.qkv[0][-attn.v_proj.weight.shape[0]:], attn.v_proj.weight)
+    assert "language_model.model.layers.0.self_attn.k_proj.weight" in model.state_dict()
+    ids = torch.tensor([[1, 5, 9, 13, 100, 200, 300]])
+    fused = model(ids)
+    for layer in model.language_model.model.layers:
+        layer.self_attn.qkv = layer.mlp.gate_up = None   # back to one matmul per projection
+    torch.testing.assert_close(fused, model(ids), rtol=1e-5, atol=1e-5)
