@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from engine import LLM, SamplingParams
@@ -59,6 +60,34 @@ def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
         llm.step()
         if decode:
             times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def bare_matmul_ms(lm, repeats: int = 10) -> float:
+    """Median ms of only the decode step's weight matmuls at batch 1: every layer's (fused) projections
+    and the head on a random row, nothing else; how close PyTorch's GEMV itself gets to the floor."""
+    hidden = lm.model.embed_tokens.weight.shape[1]
+    x = torch.randn(1, hidden, dtype=lm.lm_head.weight.dtype)
+    xi = torch.randn(1, lm.model.layers[0].mlp.down_proj.weight.shape[1], dtype=x.dtype)
+
+    def run():
+        for layer in lm.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = [a.qkv] if a.qkv is not None else [(a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+                                                     (a.v_proj.weight, a.v_proj.bias)]
+            gu = [m.gate_up] if m.gate_up is not None else [(m.gate_proj.weight, m.gate_proj.bias),
+                                                            (m.up_proj.weight, m.up_proj.bias)]
+            for w, b in qkv + [(a.o_proj.weight, a.o_proj.bias)] + gu:
+                F.linear(x, w, b)
+            m.down_proj(xi)
+        lm.lm_head(x)
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
 
@@ -120,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     bws = []
     for _ in range(args.rounds):
         bws.append(read_bandwidth())
+        for dtype in args.dtypes.split(","):
+            lm = next(llm for name, llm in engines.items() if name.endswith(dtype)).model.language_model
+            samples.setdefault((f"bare weight matmuls {dtype}", 1), []).append(bare_matmul_ms(lm))
         for name, llm in engines.items():
             for b in batches:
                 samples.setdefault((name, b), []).append(engine_step_ms(llm, b, args.tokens))
