@@ -11,7 +11,8 @@ from models.image import load_preprocessor_config, preprocess
 from models.loader import load_model
 from models.tokenizer import Tokenizer
 from tools.easy_vqa_data import DESCRIBE, Example
-from tools.train_demo import Conversations, collate, logits_from_features
+from tools.train_conversations import Conversations, collate
+from tools.train_demo import logits_from_features
 
 
 def _example(image: str) -> Example:

@@ -1,8 +1,10 @@
-"""A time-boxed warmup + cosine learning-rate schedule for the CPU training scripts."""
+"""A time-boxed warmup + cosine learning-rate schedule, and the optimizer step both training stages take."""
 from __future__ import annotations
 
 import math
 import time
+
+import torch
 
 
 class TimeBoxedCosine:
@@ -31,3 +33,13 @@ class TimeBoxedCosine:
 
     def minutes_elapsed(self) -> float:
         return (time.perf_counter() - self.t0) / 60
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, lr: float) -> None:
+    """Backward, clip the gradient norm to 1, and step `opt` at learning rate `lr`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()

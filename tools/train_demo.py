@@ -36,7 +36,6 @@ What did not work better in the same 40 minutes (kept as options, for whoever ta
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
 import sys
@@ -51,10 +50,11 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import DESCRIBE, Example, corpus, load_split, with_present_questions
-from tools.lr_schedule import TimeBoxedCosine
+from tools.easy_vqa_data import Example, corpus, load_split, with_present_questions
+from tools.lr_schedule import TimeBoxedCosine, optimizer_step
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
+from tools.train_conversations import Conversations, batches, collate
 from tools.train_tower import init_sincos_positions, pretrain_tower, tower_labels
 
 SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=4, kv_heads=4,
@@ -69,109 +69,6 @@ def write_side_files(out: Path, train: list[Example]) -> None:
     (out / "config.json").write_text(json.dumps(_hf_config(cfg, "float32"), indent=2))
     pre = preprocessor_config(SIZES["image_size"])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-
-
-class Conversations:
-    """Training sequences for an Example: build_multi_turn() (the default) or build() (packed single turns).
-
-    build() puts the image prompt once, then every question as its own sample: each question sees
-    the shared prefix (BOS, "USER: ", the 256 visual tokens) and itself only, at the positions it
-    would have as a lone first turn, so it trains exactly the single-turn samples the engine serves
-    while the visual tokens are computed once per image. quick_accuracy() scores through it too.
-    """
-
-    def __init__(self, tok: Tokenizer, image_token: int, num_visual: int):
-        self.tok, self.image_token, self.num_visual = tok, image_token, num_visual
-        self.eos = tok.eos_token_id
-        self._cache: dict[str, list[int]] = {}
-
-    def _enc(self, text: str) -> list[int]:  # no BOS: a continuation
-        if text not in self._cache:
-            ids = self.tok.encode(text)
-            self._cache[text] = ids[1:] if ids and ids[0] == self.tok.bos_token_id else ids
-        return self._cache[text]
-
-    def prompt(self, question: str) -> list[int]:
-        """Exactly what the engine feeds for a first turn, with `<image>` expanded to the visual tokens."""
-        key = "\0prompt\0" + question
-        if key not in self._cache:
-            ids = self.tok.encode(self.tok.chat_prompt(question, 1))
-            i = ids.index(self.image_token)
-            self._cache[key] = ids[:i] + [self.image_token] * self.num_visual + ids[i + 1:]
-        return self._cache[key]
-
-    def build(self, ex: Example) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(ids, labels, positions, segments): labels are -100 off the answers, segment 0 is the shared
-        prefix and segment k the k-th question with its answer."""
-        turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
-        prompts = [self.prompt(q) for q, _ in turns]
-        shared = 0
-        while all(len(p) > shared + 1 and p[shared] == prompts[0][shared] for p in prompts):
-            shared += 1  # stops at least one token short of every prompt: each turn keeps its own text
-        if shared < prompts[0].index(self.image_token) + self.num_visual:
-            raise ValueError("packing: the questions differ before the image ends")
-        ids, positions = prompts[0][:shared], list(range(shared))
-        labels, segments = [-100] * shared, [0] * shared
-        for k, ((_, answer), prompt) in enumerate(zip(turns, prompts), 1):
-            ans = self._enc(answer) + [self.eos]
-            own = prompt[shared:] + ans
-            ids += own
-            labels += [-100] * (len(prompt) - shared) + ans
-            positions += range(shared, shared + len(own))
-            segments += [k] * len(own)
-        return ids, labels, positions, segments
-
-
-    def build_multi_turn(self, ex: Example, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int]]:
-        """All of the image's questions as one shuffled multi-turn conversation (one segment, causal).
-
-        Later turns can read earlier answers instead of the image, but every question still trains
-        the image-reading first turn in some conversation, and the model learns colour, shape and the
-        caption faster per step than with build(): this is the recipe of the shipped model.
-        """
-        turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
-        rng.shuffle(turns)
-        ids = list(self.prompt(turns[0][0]))
-        labels = [-100] * len(ids)
-        for k, (q, a) in enumerate(turns):
-            if k:
-                p = self._enc(f"USER: {q} ASSISTANT:")
-                ids += p
-                labels += [-100] * len(p)
-            ans = self._enc(a) + [self.eos]
-            ids += ans
-            labels += ans
-        return ids, labels, list(range(len(ids))), [0] * len(ids)
-
-
-def packed_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[B, T] segment ids -> [B, T, T] bool: causal, and a token sees the prefix (0) and its own segment."""
-    causal = torch.ones(segments.shape[-1], segments.shape[-1], dtype=torch.bool).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return causal & (same | (segments[:, None, :] == 0))
-
-
-def collate(seqs: list[tuple[list[int], list[int], list[int], list[int]]], pad: int):
-    """Pad built sequences to the longest: ids, labels, positions, mask (padding is its own segment, -1)."""
-    n = max(len(s[0]) for s in seqs)
-    fill = (pad, -100, 0, -1)
-    ids, labels, positions, segments = (torch.tensor([s[f] + [fill[f]] * (n - len(s[f])) for s in seqs])
-                                        for f in range(4))
-    # One segment (multi-turn conversations) is plain causal attention: leave it to SDPA's is_causal.
-    mask = packed_mask(segments) if bool((segments > 0).any()) else None
-    return ids, labels, positions, mask, segments
-
-
-def batches(examples: list[Example], conv: Conversations, feats: torch.Tensor, batch: int,
-            rng: random.Random, pad: int, single_turn: bool):
-    """(ids, labels, positions, mask, vision features) batches of whole images, in a shuffled order."""
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    for s in range(0, len(order) - batch + 1, batch):
-        rows = order[s:s + batch]
-        build = conv.build if single_turn else functools.partial(conv.build_multi_turn, rng=rng)
-        ids, labels, positions, mask, _ = collate([build(examples[i]) for i in rows], pad)
-        yield ids, labels, positions, mask, feats[rows]
 
 
 @torch.no_grad()
@@ -190,8 +87,8 @@ def logits_from_features(model: LlavaForConditionalGeneration, ids: torch.Tensor
 def load_tower(model: LlavaForConditionalGeneration, src: Path) -> None:
     """Copy a trained vision tower out of an earlier checkpoint of the same sizes, and freeze it."""
     with safe_open(str(src / "model.safetensors"), "pt") as f:
-        own = model.vision_tower.state_dict()
-        missing = [k for k in own if f"vision_tower.{k}" not in f.keys()]
+        own, stored = model.vision_tower.state_dict(), set(f.keys())
+        missing = [k for k in own if f"vision_tower.{k}" not in stored]
         if missing:
             raise ValueError(f"--tower-from {src}: no {missing[0]} (and {len(missing) - 1} more)")
         model.vision_tower.load_state_dict({k: f.get_tensor(f"vision_tower.{k}") for k in own})
@@ -319,14 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     while not sched.done(step):
         for ids, labels, positions, mask, f in batches(train, conv, feats, args.batch, rng, cfg.pad_token_id or 0,
                                                        args.single_turn):
-            for gr in opt.param_groups:
-                gr["lr"] = sched.lr(step)
+            lr_now = sched.lr(step)
             logits = logits_from_features(model, ids, f, positions, mask)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, params, loss, lr_now)
             step += 1
             if step % 10 == 0:
                 log(f"step {step}/{sched.horizon} loss {loss.item():.4f} lr {sched.lr(step):.2e} "

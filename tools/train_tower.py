@@ -19,7 +19,7 @@ from torch import nn
 
 from models.clip import CLIPVisionModel
 from tools.easy_vqa_data import COLORS, SHAPES, Example
-from tools.lr_schedule import TimeBoxedCosine
+from tools.lr_schedule import TimeBoxedCosine, optimizer_step
 
 SIZES_WORDS, ROWS, COLS = ("small", "medium", "large"), ("top", "middle", "bottom"), ("left", "center", "right")
 HEADS = (("shape", SHAPES), ("colour", COLORS), ("size", SIZES_WORDS), ("row", ROWS), ("column", COLS))
@@ -95,13 +95,9 @@ def pretrain_tower(tower: CLIPVisionModel, pixels: torch.Tensor, labels: torch.T
         order = torch.randperm(len(pixels), generator=g)
         for s in range(0, steps_per_epoch * batch, batch):
             idx = order[s:s + batch]
-            for group in opt.param_groups:
-                group["lr"] = sched.lr(step)
+            lr_now = sched.lr(step)
             loss = sum(F.cross_entropy(o, labels[idx, k]) for k, o in enumerate(heads(tower(pixels[idx]))))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, params, loss, lr_now)
             step += 1
             if step % 20 == 0:
                 log(f"tower step {step}/{sched.horizon} loss {loss.item():.3f} {sched.minutes_elapsed():.1f} min", bar=True)
