@@ -157,19 +157,17 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
         """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path.
 
-        attn_mask ([B, T, T] bool, True = may attend) replaces the causal mask, e.g. for packed samples.
+        `attend` replaces causal attention, e.g. for training's packed samples (tools/train_conversations).
         """
-        def attend(_: int, q, k, v):
+        def causal(_: int, q, k, v):
             rep = q.shape[-2] // k.shape[-2]
             q, k, v = (t.transpose(-3, -2) for t in (q, k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)))
-            if attn_mask is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None]).transpose(-3, -2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
 
+        attend = attend or causal
         cos, sin = self.model.rotary_emb(positions, embeds.dtype)
         h = embeds
         for layer in self.model.layers:

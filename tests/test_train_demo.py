@@ -39,47 +39,57 @@ def test_each_packed_question_equals_its_own_first_turn():
     pre = load_preprocessor_config(DEMO_MODEL_DIR, cfg.vision.image_size)
     pixels = torch.stack([preprocess(Image.open(e.image_path), pre) for e in examples])
     feats = model.vision_tower(pixels)[:, 1:]
-    ids, labels, positions, mask, segments = collate([conv.build(e) for e in examples], pad=0)
-    packed = logits_from_features(model, ids, feats, positions, mask)
+    batch = collate([conv.build(e) for e in examples], pad=0)
+    packed = logits_from_features(model, batch, feats)
+    ids, labels, positions, logits = (batch.turn_view(t) for t in (batch.ids, batch.labels, batch.positions, packed))
+    assert batch.ids[:, :batch.prefix_len].tolist() == [conv.prompt("x")[:batch.prefix_len]] * 2
 
     checked = 0
     for b, e in enumerate(examples):
-        for k, (q, a) in enumerate(list(e.qa) + [(DESCRIBE, e.caption)], 1):
+        for k, (q, a) in enumerate(list(e.qa) + [(DESCRIBE, e.caption)]):
             alone = conv.prompt(q) + conv._enc(a) + [conv.eos]
             ref = model.dense_logits(torch.tensor([alone]), pixels[b:b + 1])[0]
-            rows = (segments[b] == k).nonzero().flatten()
-            n = len(rows)
-            assert ids[b, rows].tolist() == alone[-n:]           # the turn's own tokens, in order
-            assert positions[b, rows].tolist() == list(range(len(alone) - n, len(alone)))
-            torch.testing.assert_close(packed[b, rows], ref[-n:], rtol=1e-4, atol=1e-4)
-            answer = labels[b, rows][labels[b, rows] != -100].tolist()
+            n = len(alone) - batch.prefix_len                     # the turn's own tokens, then padding
+            assert ids[b, k, :n].tolist() == alone[-n:]
+            assert positions[b, k, :n].tolist() == list(range(batch.prefix_len, len(alone)))
+            torch.testing.assert_close(logits[b, k, :n], ref[-n:], rtol=1e-4, atol=1e-4)
+            answer = labels[b, k][labels[b, k] != -100].tolist()
             assert answer == conv._enc(a) + [conv.eos]            # only the answer is trained
             checked += 1
     assert checked == 9
+    torch.testing.assert_close(packed[:, :batch.prefix_len],     # the prefix is a plain causal forward
+                               model.dense_logits(batch.ids[:, :batch.prefix_len], pixels), rtol=1e-4, atol=1e-4)
+    assert (labels[1, 4] == -100).all()                           # the missing fifth turn of image 1 is padding
 
 
-def test_present_questions_name_what_is_there_and_answer_it():
-    from tools.easy_vqa_data import YES_NO_TEMPLATES, with_present_questions
+def test_yes_no_questions_are_balanced_and_answered_from_the_labels():
+    import numpy as np
+    from tools.easy_vqa_data import COLORS, SHAPES, YES_NO_TEMPLATES, with_yes_no_questions
     ex = _example("easy-vqa-test-0.png")
-    (aug,) = with_present_questions([ex], per_image=40, seed=1)
+    (aug,) = with_yes_no_questions([ex], per_image=400, rng=np.random.default_rng(1))
     assert aug.qa[:len(ex.qa)] == ex.qa
     extra = aug.qa[len(ex.qa):]
-    assert len(extra) == 40 and {a for _, a in extra} == {"yes", "no"}
-    negated = {t.format(x): neg for t, neg in YES_NO_TEMPLATES for x in ("blue shape", "triangle")}
+    assert len(extra) == 400
+    negated = {t.format(x): neg for t, neg in YES_NO_TEMPLATES for x in [f"{c} shape" for c in COLORS] + list(SHAPES)}
+    present = 0
     for q, a in extra:
-        assert q in negated, q                             # easy-VQA's own wording, the true colour or shape
-        assert a == ("no" if negated[q] else "yes"), q
+        assert q in negated, q                                   # easy-VQA's own wording
+        there = "blue shape" in q or "triangle" in q             # the example is a blue triangle
+        assert a == ("yes" if there != negated[q] else "no"), q
+        present += there
+    assert 150 < present < 250                                   # about half name what is there
 
 
 def test_multi_turn_conversation_starts_as_a_first_turn_and_trains_every_answer():
     tok = Tokenizer.from_dir(DEMO_MODEL_DIR)
     conv = Conversations(tok, _image_token(), 256)
     ex = _example("easy-vqa-test-0.png")
-    ids, labels, positions, segments = conv.build_multi_turn(ex, random.Random(3))
-    assert positions == list(range(len(ids))) and set(segments) == {0}
+    packed = conv.build_multi_turn(ex, random.Random(3))
+    assert len(packed.turns) == 1
+    ids, labels = packed.turns[0]
     first = next(i for i, lab in enumerate(labels) if lab != -100)
-    question = next(q for q, _ in list(ex.qa) + [(DESCRIBE, ex.caption)] if conv.prompt(q) == ids[:first])
-    assert ids[:first] == conv.prompt(question)                  # the first turn is what the engine feeds
+    question = next(q for q, _ in list(ex.qa) + [(DESCRIBE, ex.caption)] if conv.prompt(q) == packed.prefix + ids[:first])
+    assert packed.prefix + ids[:first] == conv.prompt(question)  # the first turn is what the engine feeds
     trained = [t for t in labels if t != -100]
     assert len(trained) == sum(len(conv._enc(a)) + 1 for _, a in list(ex.qa) + [(DESCRIBE, ex.caption)])
     assert trained.count(conv.eos) == len(ex.qa) + 1

@@ -137,21 +137,26 @@ YES_NO_TEMPLATES = tuple((t, neg) for neg, ts in (
             "is there not a {}?"))) for t in ts)
 
 
-def with_present_questions(examples: list[Example], per_image: int, seed: int) -> list[Example]:
-    """Examples with `per_image` extra yes/no questions about what IS in the image, in easy-VQA's templates.
+def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.random.Generator) -> list[Example]:
+    """Examples with `per_image` extra yes/no questions each, in easy-VQA's templates, half about what IS there.
 
-    easy-VQA's own yes/no questions mostly name a colour or shape that is absent (one of eight colours,
-    one of three shapes), so "no" (or "yes" when negated) is right ~83% of the time without looking; a
-    model trained on them alone learned exactly that prior and never matched the named colour against
-    the image. These extra questions, built from the labels, balance the two cases.
+    easy-VQA's own yes/no questions name an absent colour (7 of 8) or shape (2 of 3) most of the
+    time, so "no" (or "yes" when negated) is right ~83% of the time without looking; a model trained
+    on them alone learns exactly that prior and never matches the named colour against the image.
+    In these extra questions the named colour or shape is the image's own half the time, so only
+    matching it against the image answers them. Call once per epoch for fresh questions.
     """
-    rng = np.random.default_rng(seed)
     out = []
     for e in examples:
         extra = []
         for _ in range(per_image):
             template, negated = YES_NO_TEMPLATES[rng.integers(len(YES_NO_TEMPLATES))]
-            thing = f"{e.color} shape" if rng.random() < 0.5 else e.shape
-            extra.append((template.format(thing), "no" if negated else "yes"))
+            present = bool(rng.random() < 0.5)
+            if rng.random() < 0.5:
+                color = e.color if present else rng.choice([c for c in COLORS if c != e.color])
+                thing = f"{color} shape"
+            else:
+                thing = e.shape if present else rng.choice([s for s in SHAPES if s != e.shape])
+            extra.append((template.format(thing), "yes" if present != negated else "no"))
         out.append(Example(e.image_id, e.image_path, e.color, e.shape, e.caption, list(e.qa) + extra))
     return out

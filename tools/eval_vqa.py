@@ -52,9 +52,23 @@ class Timed:
             setattr(llm.runner, phase, timed)
 
 
-def answer_kind(gold: str) -> str:
-    """Which of easy-VQA's three question families a gold answer belongs to."""
-    return "colour" if gold in COLORS else "shape" if gold in SHAPES else "yes/no"
+KINDS = ("yes/no", "yes/no present", "yes/no absent", "colour", "shape")
+
+
+def answer_kinds(question: str, gold: str) -> tuple[str, ...]:
+    """The families a question counts in: colour, shape, or yes/no and whether it names what is there.
+
+    easy-VQA's yes/no questions mostly name an absent colour or shape, so a model can score ~83% on
+    them without looking; "present" ones (the named colour or shape is the image's) show whether it
+    really matches the question against the image.
+    """
+    if gold in COLORS:
+        return ("colour",)
+    if gold in SHAPES:
+        return ("shape",)
+    words = question.rstrip("?").split()
+    present = (gold == "yes") != ("not" in words or "no" in words)
+    return "yes/no", "yes/no present" if present else "yes/no absent"
 
 
 def evaluate(model: Path, setting: str, questions: list, captions: list, max_num_seqs: int) -> dict:
@@ -68,9 +82,9 @@ def evaluate(model: Path, setting: str, questions: list, captions: list, max_num
     return {
         "setting": setting, "answers": answers,
         "accuracy": sum(a == gold for a, (_, _, gold) in zip(answers, questions)) / max(nq, 1),
-        "accuracy_by_kind": {kind: sum(a == gold for a, (_, _, gold) in zip(answers, questions) if answer_kind(gold) == kind)
-                             / max(1, sum(answer_kind(g) == kind for _, _, g in questions))
-                             for kind in ("yes/no", "colour", "shape")},
+        "accuracy_by_kind": {kind: sum(a == gold for a, (_, q, gold) in zip(answers, questions)
+                                       if kind in answer_kinds(q, gold))
+                             / max(1, sum(kind in answer_kinds(q, g) for _, q, g in questions)) for kind in KINDS},
         "caption_exact": sum(a == gold for a, (_, _, gold) in zip(answers[nq:], captions)) / max(len(captions), 1),
         "prefill_s": timer.prefill, "decode_s": timer.decode,
         "kv_blocks_per_request": sum(o.stats["kv_peak_blocks"] for o in outs) / len(outs),

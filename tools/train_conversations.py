@@ -1,28 +1,37 @@
-"""Training sequences for tools/train_demo.py: an easy-VQA image with its questions as token ids.
+"""Training sequences for tools/train_demo.py: an easy-VQA image with its questions, as token ids.
 
-Two ways to lay an image's questions out, both computing its 256 visual tokens once:
-Conversations.build_multi_turn (one shuffled conversation, the default) and Conversations.build
-(every question packed as its own first turn behind one shared image prefix, with a mask).
+Every image is laid out as one shared prefix (BOS, "USER: ", its 256 visual tokens) followed by
+turns, so the visual tokens are computed once per image however many questions it has:
+
+    [ prefix (P tokens) | turn 1, padded to L | turn 2, padded to L | ... | turn S ]
+
+Each turn sees the whole prefix and itself (causally), at the positions it would have as a lone
+first turn: exactly the single-turn samples the engine serves. `prefix_attention` computes that
+attention without a [T, T] mask, so training pays for prefix x turn and turn x turn scores only.
+A multi-turn conversation is the same layout with one long turn (Conversations.build_multi_turn).
 """
 from __future__ import annotations
 
-import functools
 import random
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from models.llama import Attend
 from models.tokenizer import Tokenizer
 from tools.easy_vqa_data import DESCRIBE, Example
 
 
-class Conversations:
-    """Training sequences for an Example: build_multi_turn() (the default) or build() (packed single turns).
+@dataclass
+class Packed:
+    """One image's training sample: the shared prefix and its turns as (ids, labels) pairs."""
+    prefix: list[int]
+    turns: list[tuple[list[int], list[int]]]  # labels are -100 except on answer tokens
 
-    build() puts the image prompt once, then every question as its own sample: each question sees
-    the shared prefix (BOS, "USER: ", the 256 visual tokens) and itself only, at the positions it
-    would have as a lone first turn, so it trains exactly the single-turn samples the engine serves
-    while the visual tokens are computed once per image. quick_accuracy() scores through it too.
-    """
+
+class Conversations:
+    """Builds Packed samples for an Example: build() (every question a first turn) or build_multi_turn()."""
 
     def __init__(self, tok: Tokenizer, image_token: int, num_visual: int):
         self.tok, self.image_token, self.num_visual = tok, image_token, num_visual
@@ -44,73 +53,110 @@ class Conversations:
             self._cache[key] = ids[:i] + [self.image_token] * self.num_visual + ids[i + 1:]
         return self._cache[key]
 
-    def build(self, ex: Example) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(ids, labels, positions, segments): labels are -100 off the answers, segment 0 is the shared
-        prefix and segment k the k-th question with its answer."""
-        turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
-        prompts = [self.prompt(q) for q, _ in turns]
-        shared = 0
-        while all(len(p) > shared + 1 and p[shared] == prompts[0][shared] for p in prompts):
-            shared += 1  # stops at least one token short of every prompt: each turn keeps its own text
-        if shared < prompts[0].index(self.image_token) + self.num_visual:
-            raise ValueError("packing: the questions differ before the image ends")
-        ids, positions = prompts[0][:shared], list(range(shared))
-        labels, segments = [-100] * shared, [0] * shared
-        for k, ((_, answer), prompt) in enumerate(zip(turns, prompts), 1):
-            ans = self._enc(answer) + [self.eos]
-            own = prompt[shared:] + ans
-            ids += own
-            labels += [-100] * (len(prompt) - shared) + ans
-            positions += range(shared, shared + len(own))
-            segments += [k] * len(own)
-        return ids, labels, positions, segments
+    def _split(self, question: str) -> tuple[list[int], list[int]]:
+        """A first-turn prompt cut after its last visual token: (prefix, the question's own tokens)."""
+        p = self.prompt(question)
+        end = p.index(self.image_token) + self.num_visual
+        return p[:end], p[end:]
 
-    def build_multi_turn(self, ex: Example, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int]]:
-        """All of the image's questions as one shuffled multi-turn conversation (one segment, causal).
+    def _answer(self, answer: str) -> list[int]:
+        return self._enc(answer) + [self.eos]
+
+    def build(self, ex: Example) -> Packed:
+        """Every question (and "describe the image.") as its own first turn behind the shared prefix."""
+        turns, prefix = [], None
+        for q, a in list(ex.qa) + [(DESCRIBE, ex.caption)]:
+            pre, own = self._split(q)
+            if prefix not in (None, pre):
+                raise ValueError("packing: the chat template puts question text before the image")
+            prefix, ans = pre, self._answer(a)
+            turns.append((own + ans, [-100] * len(own) + ans))
+        return Packed(prefix, turns)
+
+    def build_multi_turn(self, ex: Example, rng: random.Random) -> Packed:
+        """All of the image's questions as one shuffled multi-turn conversation: a single long turn.
 
         Later turns can read earlier answers instead of the image; only the first turn must read it,
-        and which question comes first changes every epoch. The recipe of the shipped model.
+        and which question comes first changes every epoch.
         """
         turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
         rng.shuffle(turns)
-        ids = list(self.prompt(turns[0][0]))
+        prefix, ids = self._split(turns[0][0])
         labels = [-100] * len(ids)
         for k, (q, a) in enumerate(turns):
             if k:
                 p = self._enc(f"USER: {q} ASSISTANT:")
-                ids += p
-                labels += [-100] * len(p)
-            ans = self._enc(a) + [self.eos]
-            ids += ans
-            labels += ans
-        return ids, labels, list(range(len(ids))), [0] * len(ids)
+                ids, labels = ids + p, labels + [-100] * len(p)
+            ans = self._answer(a)
+            ids, labels = ids + ans, labels + ans
+        return Packed(prefix, [(ids, labels)])
 
 
-def packed_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[B, T] segment ids -> [B, T, T] bool: causal, and a token sees the prefix (0) and its own segment."""
-    causal = torch.ones(segments.shape[-1], segments.shape[-1], dtype=torch.bool).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return causal & (same | (segments[:, None, :] == 0))
+@dataclass
+class Batch:
+    """Packed samples padded into one [B, P + S*L] batch (every prefix has the same length P)."""
+    ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    prefix_len: int
+    num_turns: int
+    turn_len: int
+
+    def turn_view(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, P + S*L, ...] -> [B, S, L, ...]: the turns part of a per-token tensor."""
+        return t[:, self.prefix_len:].unflatten(1, (self.num_turns, self.turn_len))
 
 
-def collate(seqs: list[tuple[list[int], list[int], list[int], list[int]]], pad: int):
-    """Pad built sequences to the longest: ids, labels, positions, mask (padding is its own segment, -1)."""
-    n = max(len(s[0]) for s in seqs)
-    fill = (pad, -100, 0, -1)
-    ids, labels, positions, segments = (torch.tensor([s[f] + [fill[f]] * (n - len(s[f])) for s in seqs])
-                                        for f in range(4))
-    # One segment (multi-turn conversations) is plain causal attention: leave it to SDPA's is_causal.
-    mask = packed_mask(segments) if bool((segments > 0).any()) else None
-    return ids, labels, positions, mask, segments
+def collate(samples: list[Packed], pad: int) -> Batch:
+    """Pad turns to the longest (L) and every sample to the most turns (S); padding is never trained."""
+    P = len(samples[0].prefix)
+    if any(len(s.prefix) != P for s in samples):
+        raise ValueError("collate: prefixes of different lengths")
+    S = max(len(s.turns) for s in samples)
+    L = max(len(ids) for s in samples for ids, _ in s.turns)
+    ids = torch.full((len(samples), S, L), pad)
+    labels = torch.full((len(samples), S, L), -100)
+    for b, s in enumerate(samples):
+        for k, (t_ids, t_labels) in enumerate(s.turns):
+            ids[b, k, :len(t_ids)] = torch.tensor(t_ids)
+            labels[b, k, :len(t_labels)] = torch.tensor(t_labels)
+    prefix = torch.tensor([s.prefix for s in samples])
+    positions = torch.cat([torch.arange(P), (P + torch.arange(L)).repeat(S)]).expand(len(samples), -1)
+    return Batch(torch.cat([prefix, ids.flatten(1)], 1),
+                 torch.cat([torch.full_like(prefix, -100), labels.flatten(1)], 1), positions, P, S, L)
+
+
+def prefix_attention(batch: Batch) -> Attend:
+    """Attention for `batch`'s layout: the prefix is causal; each turn sees the prefix and itself, causally.
+
+    Exactly softmax over [prefix keys ; the turn's own keys], computed as two small score blocks
+    instead of one [T, T] block that is mostly masked out.
+    """
+    P, S, L = batch.prefix_len, batch.num_turns, batch.turn_len
+    own_causal = torch.ones(L, L, dtype=torch.bool).tril()
+
+    def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rep = q.shape[-2] // k.shape[-2]
+        k, v = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)
+        B, _, H, D = q.shape
+        kp, vp = k[:, :P], v[:, :P]
+        head = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q[:, :P], kp, vp)), is_causal=True)
+        qs, ks, vs = (t[:, P:].unflatten(1, (S, L)) for t in (q, k, v))
+        scores = torch.cat([torch.einsum("bslhd,bphd->bshlp", qs, kp),
+                            torch.einsum("bslhd,bsmhd->bshlm", qs, ks).masked_fill(~own_causal, float("-inf"))],
+                           -1).mul(D ** -0.5).softmax(-1)
+        turns = (torch.einsum("bshlp,bphd->bslhd", scores[..., :P], vp)
+                 + torch.einsum("bshlm,bsmhd->bslhd", scores[..., P:], vs))
+        return torch.cat([head.transpose(1, 2), turns.flatten(1, 2)], 1)
+    return attend
 
 
 def batches(examples: list[Example], conv: Conversations, feats: torch.Tensor, batch: int,
-            rng: random.Random, pad: int, single_turn: bool):
-    """(ids, labels, positions, mask, vision features) batches of whole images, in a shuffled order."""
+            rng: random.Random, pad: int, multi_turn: bool):
+    """(Batch, vision features) for whole images, in a shuffled order."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     for s in range(0, len(order) - batch + 1, batch):
         rows = order[s:s + batch]
-        build = conv.build if single_turn else functools.partial(conv.build_multi_turn, rng=rng)
-        ids, labels, positions, mask, _ = collate([build(examples[i]) for i in rows], pad)
-        yield ids, labels, positions, mask, feats[rows]
+        build = (lambda e: conv.build_multi_turn(e, rng)) if multi_turn else conv.build
+        yield collate([build(examples[i]) for i in rows], pad), feats[rows]
