@@ -88,8 +88,24 @@ def test_multi_turn_conversation_starts_as_a_first_turn_and_trains_every_answer(
     assert len(packed.turns) == 1
     ids, labels = packed.turns[0]
     first = next(i for i, lab in enumerate(labels) if lab != -100)
-    question = next(q for q, _ in list(ex.qa) + [(DESCRIBE, ex.caption)] if conv.prompt(q) == packed.prefix + ids[:first])
+    turns = list(ex.qa) + [(DESCRIBE, ex.caption)]
+    question = next(q for q, _ in turns if conv.prompt(q) == packed.prefix + ids[:first])
     assert packed.prefix + ids[:first] == conv.prompt(question)  # the first turn is what the engine feeds
     trained = [t for t in labels if t != -100]
     assert len(trained) == sum(len(conv._enc(a)) + 1 for _, a in list(ex.qa) + [(DESCRIBE, ex.caption)])
     assert trained.count(conv.eos) == len(ex.qa) + 1
+
+
+def test_multi_turn_packed_forward_is_plain_causal():
+    model = load_model(DEMO_MODEL_DIR)
+    conv = Conversations(Tokenizer.from_dir(DEMO_MODEL_DIR), _image_token(), 256)
+    examples = [_example("easy-vqa-test-0.png"), _example("easy-vqa-test-1.png")]
+    examples[1].qa.pop()                                          # a shorter conversation: padding
+    batch = collate([conv.build_multi_turn(e, random.Random(k)) for k, e in enumerate(examples)], pad=0)
+    pre = load_preprocessor_config(DEMO_MODEL_DIR, 64)
+    pixels = torch.stack([preprocess(Image.open(e.image_path), pre) for e in examples])
+    packed = logits_from_features(model, batch, model.vision_tower(pixels)[:, 1:])
+    for b in range(2):
+        n = int((batch.labels[b] != -100).nonzero().max()) + 1
+        ref = model.dense_logits(batch.ids[b:b + 1, :n], pixels[b:b + 1])[0]
+        torch.testing.assert_close(packed[b, :n], ref, rtol=1e-4, atol=1e-4)

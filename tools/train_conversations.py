@@ -138,6 +138,9 @@ def prefix_attention(batch: Batch) -> Attend:
     def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rep = q.shape[-2] // k.shape[-2]
         k, v = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)
+        if S == 1:  # one turn (a multi-turn conversation): plain causal attention, SDPA's fused kernel
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+            return out.transpose(1, 2)
         B, _, H, D = q.shape
         kp, vp = k[:, :P], v[:, :P]
         head = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q[:, :P], kp, vp)), is_causal=True)
