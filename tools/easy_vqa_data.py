@@ -121,8 +121,16 @@ def load_split(split: str, root: Path | None = None) -> list[Example]:
     return out
 
 
-def corpus(examples: list[Example]) -> list[str]:
-    """Lines to learn the tokenizer's merges from: every question, answer, caption and the chat frame."""
+def corpus(examples: list[Example], framed: bool = False) -> list[str]:
+    """Lines to learn the tokenizer's merges from: every question, answer, caption and the chat frame.
+
+    framed: every distinct turn in its chat frame instead, so "USER:" and "ASSISTANT:" are as frequent
+    as the questions and become single pieces, with punctuation written apart so no merge glues
+    "circle" to "?" (with enough pieces, every word is then one piece wherever it appears).
+    """
+    if framed:
+        lines = {f"USER: {q} ASSISTANT: {a}" for e in examples for q, a in list(e.qa) + [(DESCRIBE, e.caption)]}
+        return sorted(line.replace("?", " ?").replace(".", " .") for line in lines)
     lines = {"USER: ASSISTANT:", DESCRIBE}
     for e in examples:
         lines.add(e.caption)

@@ -64,10 +64,11 @@ SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=
              image_size=64, patch_size=4, max_positions=1024)
 
 
-def write_side_files(out: Path, train: list[Example]) -> None:
+def write_side_files(out: Path, train: list[Example], sizes: dict) -> None:
     """Tokenizer (merges learned from the dataset's text), config and preprocessor config."""
-    write_tokenizer(out, SIZES["text_vocab"], corpus=corpus(train))
-    cfg = build_config(SIZES)
+    word_level = sizes["text_vocab"] != SIZES["text_vocab"]
+    write_tokenizer(out, sizes["text_vocab"], corpus=corpus(train, framed=word_level))
+    cfg = build_config(sizes)
     (out / "config.json").write_text(json.dumps(_hf_config(cfg, "float32"), indent=2))
     pre = preprocessor_config(SIZES["image_size"])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                          "shuffled multi-turn conversation per image")
     ap.add_argument("--yes-no", type=int, default=0,
                     help="extra yes/no questions per train image and epoch, half about what is in it")
+    ap.add_argument("--word-tokenizer", action="store_true",
+                    help="448 text pieces learned from the turns in their chat frame, punctuation apart: every "
+                         "word one piece, the same in questions and answers (the shipped 384 split 'yes' into "
+                         "'ye'+'s', sharing 'ye' with 'yellow')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
@@ -180,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     write_examples(out, test)
     if args.examples_only:
         return 0
-    write_side_files(out, train)
+    sizes = {**SIZES, "text_vocab": 448} if args.word_tokenizer else SIZES
+    write_side_files(out, train, sizes)
     tok = Tokenizer.from_dir(out)
-    cfg = build_config(SIZES)
+    cfg = build_config(sizes)
     model = LlavaForConditionalGeneration(cfg)
     init_weights(model, args.seed)
     init_sincos_positions(model.vision_tower)
