@@ -95,7 +95,9 @@ def evaluate(model: Path, setting: str, questions: list, captions: list, max_num
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "engine" / "demo_model"))
-    ap.add_argument("--limit", type=int, default=0, help="first N test questions (0 = all 9673)")
+    ap.add_argument("--split", choices=("test", "train"), default="test",
+                    help="train: is a weakness the model's fit or its generalisation?")
+    ap.add_argument("--limit", type=int, default=0, help="first N questions of the split (0 = all; test has 9673)")
     ap.add_argument("--captions", type=int, default=None, help="first N test images to caption (default: all)")
     ap.add_argument("--policies", default=";".join(DEFAULT_SETTINGS), help="settings separated by ';' (see above)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    test = load_split("test")
+    test = load_split(args.split)
     questions = [(e.image_path, q, a) for e in test for q, a in e.qa]
     if args.limit:
         questions = questions[:args.limit]
