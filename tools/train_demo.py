@@ -30,9 +30,9 @@ engine serves: each sees the image prefix and itself only).
 easy-VQA's own yes/no questions (half the split) name an absent colour or shape ~83% of the time,
 and the shipped model answers them from that prior (87% overall, README). --yes-no N adds N fresh
 yes/no questions per image every epoch, naming the image's own colour or shape half of the time,
-so that only matching the named word against the image answers them. Measured (README, "what
-blocks 95%"): with --single-turn --yes-no 12 the matching is learned for shapes (98% of "present"
-and 97% of "absent" shape questions right) but in 44 minutes colour itself was not learned.
+so that only matching the named word against the image answers them. Measured (README, demo
+model): with --word-tokenizer --single-turn --yes-no 12 the matching is learned for shapes (98% of
+"present" and 97% of "absent" shape questions right) but in 44 minutes colour itself was not.
 """
 from __future__ import annotations
 
