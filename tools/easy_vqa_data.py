@@ -45,6 +45,12 @@ def data_root() -> Path:
     return Path(easy_vqa.__file__).parent / "data"
 
 
+def names_what_is_there(question: str, answer: str) -> bool:
+    """For a yes/no question: does the colour or shape it names appear in the image? ('is no circle present?' + no)"""
+    words = question.rstrip("?").split()
+    return (answer == "yes") != ("not" in words or "no" in words)
+
+
 def _labels(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     """Colour and shape of an image from its own questions ('what color is the circle?' -> blue, ...)."""
     color = shape = None
@@ -58,7 +64,7 @@ def _labels(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
             shape = words[-1]
         if q.startswith("what is the ") and words[3] in COLORS:  # 'what is the blue shape?'
             color = words[3]
-        if a in ("yes", "no") and (a == "yes") != ("not" in words or "no" in words):  # 'is no circle present?' -> no
+        if a in ("yes", "no") and names_what_is_there(q, a):
             color = next((w for w in words if w in COLORS), color)
             shape = next((w for w in words if w in SHAPES), shape)
     return color, shape

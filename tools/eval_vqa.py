@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from tools.easy_vqa_data import COLORS, DESCRIBE, SHAPES, load_split
+from tools.easy_vqa_data import COLORS, DESCRIBE, SHAPES, load_split, names_what_is_there
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
                     "st3:ratio=0.5,anneal_floor=0.25,anneal_steps=8",
@@ -66,9 +66,7 @@ def answer_kinds(question: str, gold: str) -> tuple[str, ...]:
         return ("colour",)
     if gold in SHAPES:
         return ("shape",)
-    words = question.rstrip("?").split()
-    present = (gold == "yes") != ("not" in words or "no" in words)
-    return "yes/no", "yes/no present" if present else "yes/no absent"
+    return "yes/no", "yes/no present" if names_what_is_there(question, gold) else "yes/no absent"
 
 
 def evaluate(model: Path, setting: str, questions: list, captions: list, max_num_seqs: int) -> dict:

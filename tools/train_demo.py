@@ -64,10 +64,9 @@ SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=
              image_size=64, patch_size=4, max_positions=1024)
 
 
-def write_side_files(out: Path, train: list[Example], sizes: dict) -> None:
+def write_side_files(out: Path, train: list[Example], sizes: dict, word_tokenizer: bool) -> None:
     """Tokenizer (merges learned from the dataset's text), config and preprocessor config."""
-    word_level = sizes["text_vocab"] != SIZES["text_vocab"]
-    write_tokenizer(out, sizes["text_vocab"], corpus=corpus(train, framed=word_level))
+    write_tokenizer(out, sizes["text_vocab"], corpus=corpus(train, framed=word_tokenizer))
     cfg = build_config(sizes)
     (out / "config.json").write_text(json.dumps(_hf_config(cfg, "float32"), indent=2))
     pre = preprocessor_config(SIZES["image_size"])
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples_only:
         return 0
     sizes = {**SIZES, "text_vocab": 448} if args.word_tokenizer else SIZES
-    write_side_files(out, train, sizes)
+    write_side_files(out, train, sizes, args.word_tokenizer)
     tok = Tokenizer.from_dir(out)
     cfg = build_config(sizes)
     model = LlavaForConditionalGeneration(cfg)
