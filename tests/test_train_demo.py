@@ -80,6 +80,16 @@ def test_yes_no_questions_are_balanced_and_answered_from_the_labels():
     assert 150 < present < 250                                   # about half name what is there
 
 
+def test_yes_no_only_samples_have_no_own_questions_and_no_caption():
+    import numpy as np
+    from tools.easy_vqa_data import with_yes_no_questions
+    conv = Conversations(Tokenizer.from_dir(DEMO_MODEL_DIR), _image_token(), 256)
+    (only,) = with_yes_no_questions([_example("easy-vqa-test-0.png")], 5, np.random.default_rng(0), keep_own=False)
+    assert len(only.qa) == 5 and all(a in ("yes", "no") for _, a in only.qa)
+    packed = conv.build(only, describe=False)
+    assert [ids[:len(conv._split(q)[1])] for ids, _ in packed.turns] == [conv._split(q)[1] for q, _ in only.qa]
+
+
 def test_multi_turn_conversation_starts_as_a_first_turn_and_trains_every_answer():
     tok = Tokenizer.from_dir(DEMO_MODEL_DIR)
     conv = Conversations(tok, _image_token(), 256)

@@ -151,7 +151,8 @@ YES_NO_TEMPLATES = tuple((t, neg) for neg, ts in (
             "is there not a {}?"))) for t in ts)
 
 
-def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.random.Generator) -> list[Example]:
+def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.random.Generator,
+                          keep_own: bool = True) -> list[Example]:
     """Examples with `per_image` extra yes/no questions each, in easy-VQA's templates, half about what IS there.
 
     easy-VQA's own yes/no questions name an absent colour (7 of 8) or shape (2 of 3) most of the
@@ -159,6 +160,7 @@ def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.rando
     on them alone learns exactly that prior and never matches the named colour against the image.
     In these extra questions the named colour or shape is the image's own half the time, so only
     matching it against the image answers them. Call once per epoch for fresh questions.
+    keep_own=False: the extra questions only.
     """
     out = []
     for e in examples:
@@ -172,5 +174,5 @@ def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.rando
             else:
                 thing = e.shape if present else rng.choice([s for s in SHAPES if s != e.shape])
             extra.append((template.format(thing), "yes" if present != negated else "no"))
-        out.append(Example(e.image_id, e.image_path, e.color, e.shape, e.caption, list(e.qa) + extra))
+        out.append(Example(e.image_id, e.image_path, e.color, e.shape, e.caption, (list(e.qa) if keep_own else []) + extra))
     return out

@@ -3,36 +3,49 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
 
 class TimeBoxedCosine:
-    """Linear warmup then cosine to zero over a horizon that fits in `minutes`.
+    """Linear warmup then cosine to zero, ending when `minutes` of training time or `max_steps` run out.
 
-    The horizon is the smaller of `max_steps` and what the measured step time allows; it is
-    re-estimated once, after `probe` steps, so the decay ends when the time box does.
+    Progress is the larger of the time and step fractions, measured at every step, so the decay still
+    ends on time when the step time changes part way (a curriculum that switches to longer samples).
+    Time spent inside `paused()` (evaluation) does not count.
     """
 
-    def __init__(self, peak: float, minutes: float, max_steps: int, warmup: int = 50, probe: int = 20):
-        self.peak, self.minutes, self.warmup, self.probe = peak, minutes, warmup, probe
-        self.horizon = max_steps
+    def __init__(self, peak: float, minutes: float, max_steps: int, warmup: int = 50):
+        self.peak, self.minutes, self.max_steps, self.warmup = peak, minutes, max_steps, warmup
         self.t0 = time.perf_counter()
-
-    def lr(self, step: int) -> float:
-        """Learning rate for `step` (0-based); fixes the horizon at step `probe`."""
-        if step == self.probe:
-            per_step = (time.perf_counter() - self.t0) / step
-            self.horizon = min(self.horizon, max(step + 1, int(self.minutes * 60 / per_step)))
-        ramp = min(1.0, (step + 1) / self.warmup)
-        return self.peak * ramp * 0.5 * (1 + math.cos(math.pi * min(step / self.horizon, 1.0)))
-
-    def done(self, step: int) -> bool:
-        """True once `step` steps have been taken and the horizon is reached."""
-        return step >= self.horizon
+        self._paused = 0.0
 
     def minutes_elapsed(self) -> float:
-        return (time.perf_counter() - self.t0) / 60
+        """Training minutes so far (pauses excluded)."""
+        return (time.perf_counter() - self.t0 - self._paused) / 60
+
+    def progress(self, step: int) -> float:
+        """How far through the schedule `step` is, in [0, 1]."""
+        return min(1.0, max(step / self.max_steps, self.minutes_elapsed() / self.minutes))
+
+    def lr(self, step: int) -> float:
+        """Learning rate for `step` (0-based)."""
+        ramp = min(1.0, (step + 1) / self.warmup)
+        return self.peak * ramp * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def done(self, step: int) -> bool:
+        """True once the time box or the step budget is spent."""
+        return self.progress(step) >= 1.0
+
+    @contextmanager
+    def paused(self):
+        """A block whose time (an evaluation, say) the time box does not count."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, lr: float) -> None:

@@ -62,10 +62,10 @@ class Conversations:
     def _answer(self, answer: str) -> list[int]:
         return self._enc(answer) + [self.eos]
 
-    def build(self, ex: Example) -> Packed:
+    def build(self, ex: Example, describe: bool = True) -> Packed:
         """Every question (and "describe the image.") as its own first turn behind the shared prefix."""
         turns, prefix = [], None
-        for q, a in list(ex.qa) + [(DESCRIBE, ex.caption)]:
+        for q, a in list(ex.qa) + ([(DESCRIBE, ex.caption)] if describe else []):
             pre, own = self._split(q)
             if prefix not in (None, pre):
                 raise ValueError("packing: the chat template puts question text before the image")
@@ -155,11 +155,11 @@ def prefix_attention(batch: Batch) -> Attend:
 
 
 def batches(examples: list[Example], conv: Conversations, feats: torch.Tensor, batch: int,
-            rng: random.Random, pad: int, multi_turn: bool):
-    """(Batch, vision features) for whole images, in a shuffled order."""
+            rng: random.Random, pad: int, multi_turn: bool, describe: bool = True):
+    """(Batch, vision features) for whole images, in a shuffled order (describe: add the caption turn)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     for s in range(0, len(order) - batch + 1, batch):
         rows = order[s:s + batch]
-        build = (lambda e: conv.build_multi_turn(e, rng)) if multi_turn else conv.build
+        build = (lambda e: conv.build_multi_turn(e, rng)) if multi_turn else (lambda e: conv.build(e, describe))
         yield collate([build(examples[i]) for i in rows], pad), feats[rows]

@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="448 text pieces learned from the turns in their chat frame, punctuation apart: every "
                          "word one piece, the same in questions and answers (the shipped 384 split 'yes' into "
                          "'ye'+'s', sharing 'ye' with 'yellow')")
+    ap.add_argument("--alternate", action="store_true",
+                    help="alternate steps: the image's own questions as one multi-turn conversation, then a "
+                         "single-turn batch of only --yes-no fresh balanced yes/no questions per image")
+    ap.add_argument("--plain-minutes", type=float, default=0.0,
+                    help="the first minutes of stage 2 train the image's own questions as one multi-turn "
+                         "conversation (the shipped recipe, which learns to read colour and shape), whatever "
+                         "--single-turn and --yes-no say; those apply from then on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
@@ -217,27 +224,47 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = TimeBoxedCosine(args.lr, args.minutes, max_steps=len(train) // args.batch * args.epochs)
     rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
+    pad = cfg.pad_token_id or 0
+
+    def plain_batches():  # the image's own questions and caption, one shuffled multi-turn conversation
+        while True:
+            yield from batches(train, conv, feats, args.batch, rng, pad, multi_turn=True)
+
+    def yes_no_batches():  # single-turn, only fresh balanced yes/no questions (no caption)
+        while True:
+            epoch = with_yes_no_questions(train, args.yes_no, np_rng, keep_own=False)
+            yield from batches(epoch, conv, feats, args.batch, rng, pad, multi_turn=False, describe=False)
+
+    def configured_batches():  # --single-turn / --yes-no on top of the image's own questions
+        while True:
+            epoch = with_yes_no_questions(train, args.yes_no, np_rng)  # fresh every epoch, easy-VQA's wording
+            yield from batches(epoch, conv, feats, args.batch, rng, pad, not args.single_turn)
+
+    plain = sched.minutes_elapsed() < args.plain_minutes
+    streams = [plain_batches()] if plain else (
+        [plain_batches(), yes_no_batches()] if args.alternate else [configured_batches()])
     step = 0
     model.train()
     while not sched.done(step):
-        epoch = with_yes_no_questions(train, args.yes_no, np_rng)  # fresh ones every epoch, easy-VQA's wording
-        for batch, f in batches(epoch, conv, feats, args.batch, rng, cfg.pad_token_id or 0,
-                                not args.single_turn):
-            lr_now = sched.lr(step)
-            logits = logits_from_features(model, batch, f)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
-            optimizer_step(opt, params, loss, lr_now)
-            step += 1
-            if step % 10 == 0:
-                log(f"step {step}/{sched.horizon} loss {loss.item():.4f} lr {sched.lr(step):.2e} "
-                    f"{sched.minutes_elapsed():.1f} min", bar=True)
-            if step % 200 == 0 or sched.done(step):
+        batch, f = next(streams[step % len(streams)])
+        lr_now = sched.lr(step)
+        logits = logits_from_features(model, batch, f)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
+        optimizer_step(opt, params, loss, lr_now)
+        step += 1
+        if step % 10 == 0:
+            log(f"step {step} loss {loss.item():.4f} lr {sched.lr(step):.2e} "
+                f"{sched.minutes_elapsed():.1f}/{args.minutes:g} min", bar=True)
+        if step % 200 == 0 or sched.done(step):
+            with sched.paused():
                 model.eval()
                 acc = quick_accuracy(model, conv, test, test_feats)
                 model.train()
                 log(f"  step {step}: exact match, every question of 200 test images {acc:.3f}")
-            if sched.done(step):
-                break
+        if plain and sched.minutes_elapsed() >= args.plain_minutes:
+            plain = False
+            streams = [plain_batches(), yes_no_batches()] if args.alternate else [configured_batches()]
+            log(f"  step {step}: {args.plain_minutes:g} min of plain multi-turn done")
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite
     sd.update({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     _save(sd, out, 1, torch.float32)

@@ -100,9 +100,11 @@ def pretrain_tower(tower: CLIPVisionModel, pixels: torch.Tensor, labels: torch.T
             optimizer_step(opt, params, loss, lr_now)
             step += 1
             if step % 20 == 0:
-                log(f"tower step {step}/{sched.horizon} loss {loss.item():.3f} {sched.minutes_elapsed():.1f} min", bar=True)
+                log(f"tower step {step} loss {loss.item():.3f} lr {sched.lr(step):.2e} "
+                    f"{sched.minutes_elapsed():.1f}/{sched.minutes:g} min", bar=True)
             if step % 250 == 0 or sched.done(step):
-                log(f"  tower step {step}: test accuracy {label_accuracy(tower, heads, test_pixels, test_labels)}")
+                with sched.paused():
+                    log(f"  tower step {step}: test accuracy {label_accuracy(tower, heads, test_pixels, test_labels)}")
             if sched.done(step):
                 break
     acc = label_accuracy(tower, heads, test_pixels, test_labels)
