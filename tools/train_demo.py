@@ -30,9 +30,12 @@ engine serves: each sees the image prefix and itself only).
 easy-VQA's own yes/no questions (half the split) name an absent colour or shape ~83% of the time,
 and the shipped model answers them from that prior (87% overall, README). --yes-no N adds N fresh
 yes/no questions per image every epoch, naming the image's own colour or shape half of the time,
-so that only matching the named word against the image answers them. Measured (README, demo
-model): with --word-tokenizer --single-turn --yes-no 12 the matching is learned for shapes (98% of
-"present" and 97% of "absent" shape questions right) but in 44 minutes colour itself was not.
+so that only matching the named word against the image answers them. --plain-minutes M starts
+stage 2 with M minutes of the shipped recipe before those options apply; --alternate alternates
+steps between the shipped recipe and single-turn batches of balanced yes/no questions only.
+Measured (README, demo model): balanced yes/no questions from the start teach shape matching (98%)
+but keep colour from being read; after the shipped recipe has taught colour, they teach no
+matching at all. None of these options is the default yet: none beat the shipped model.
 """
 from __future__ import annotations
 
