@@ -122,3 +122,15 @@ def test_multi_turn_packed_forward_is_plain_causal():
         n = int((batch.labels[b] != -100).nonzero().max()) + 1
         ref = model.dense_logits(batch.ids[b:b + 1, :n], pixels[b:b + 1])[0]
         torch.testing.assert_close(packed[b, :n], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_standardisation_reads_raw_features_exactly():
+    from models.llava import LlavaMultiModalProjector
+    from tools.train_demo import fold_standardisation, standardise
+    torch.manual_seed(0)
+    proj = LlavaMultiModalProjector(load_model(DEMO_MODEL_DIR).config).double()
+    feats = torch.randn(3, 7, proj.linear_1.in_features, dtype=torch.float64) * 5 + 2
+    mean, std = standardise(feats)
+    trained = proj((feats - mean) / std)
+    fold_standardisation(proj, mean, std)
+    torch.testing.assert_close(proj(feats), trained)

@@ -88,6 +88,23 @@ def logits_from_features(model: LlavaForConditionalGeneration, batch: Batch, fea
     return model.language_model.forward_dense(embeds, batch.positions, prefix_attention(batch))
 
 
+def standardise(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the tower's patch features (over every train token)."""
+    flat = feats.flatten(0, -2)
+    return flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def fold_standardisation(projector: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make projector(x) compute what it was trained to compute on (x - mean) / std: fold the scaling
+    into its first linear layer, so the saved checkpoint reads raw tower features like any LLaVA."""
+    lin = projector.linear_1
+    lin.weight.div_(std)
+    if lin.bias is None:
+        raise ValueError("--standardise needs a projector bias to fold the mean into")
+    lin.bias.sub_(lin.weight @ mean)
+
+
 def load_tower(model: LlavaForConditionalGeneration, src: Path) -> None:
     """Copy a trained vision tower out of an earlier checkpoint of the same sizes, and freeze it."""
     with safe_open(str(src / "model.safetensors"), "pt") as f:
@@ -175,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternate", action="store_true",
                     help="alternate steps: the image's own questions as one multi-turn conversation, then a "
                          "single-turn batch of only --yes-no fresh balanced yes/no questions per image")
+    ap.add_argument("--standardise", action="store_true",
+                    help="train the projector on per-channel standardised tower features (folded into its "
+                         "first linear layer at save: the checkpoint still reads raw features)")
     ap.add_argument("--plain-minutes", type=float, default=0.0,
                     help="the first minutes of stage 2 train the image's own questions as one multi-turn "
                          "conversation (the shipped recipe, which learns to read colour and shape), whatever "
@@ -220,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                              minutes=args.tower_minutes, seed=args.seed, log=log)
         log(f"stage 1 done: test accuracy {acc}, frozen")
     feats, test_feats = tower_features(model, pixels), tower_features(model, test_pixels[:200])
+    if args.standardise:  # colour lives in small directions of the raw features (README)
+        mean, std = standardise(feats)
+        feats, test_feats = (feats - mean) / std, (test_feats - mean) / std
 
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"stage 2: projector + decoder ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
@@ -268,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             plain = False
             streams = [plain_batches(), yes_no_batches()] if args.alternate else [configured_batches()]
             log(f"  step {step}: {args.plain_minutes:g} min of plain multi-turn done")
+    if args.standardise:
+        fold_standardisation(model.multi_modal_projector, mean, std)
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite
     sd.update({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     _save(sd, out, 1, torch.float32)
