@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from tools.bench_report import format_table, plot, summarize
-from tools.bench_runner import BenchError, hf_available, run_engine, run_hf
+from tools.bench_runner import hf_available, run_engine, run_hf
 from tools.bench_workload import (BENCH_PRESETS, BenchRequest, build_question, build_workload, parse_len_range,
                                   preset_model_dir, synthetic_image)
 
