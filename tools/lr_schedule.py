@@ -1,8 +1,9 @@
-"""A time-boxed warmup + cosine learning-rate schedule, and the optimizer step both training stages take."""
+"""A time-boxed warmup + cosine learning-rate schedule, and the training loop both training stages run."""
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -56,3 +57,23 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
+
+def train_time_boxed(sched: TimeBoxedCosine, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                     next_loss: Callable[[], torch.Tensor], evaluate: Callable[[], str], log, *, name: str,
+                     log_every: int, eval_every: int) -> int:
+    """Step `opt` on next_loss() until `sched` is done: a progress line every `log_every` steps, and
+    evaluate()'s report (its time not counted) every `eval_every` steps and at the end. Returns the steps taken."""
+    step = 0
+    while not sched.done(step):
+        lr_now = sched.lr(step)
+        loss = next_loss()
+        optimizer_step(opt, params, loss, lr_now)
+        step += 1
+        if step % log_every == 0:
+            log(f"{name} step {step} loss {loss.item():.4f} lr {sched.lr(step):.2e} "
+                f"{sched.minutes_elapsed():.1f}/{sched.minutes:g} min", bar=True)
+        if step % eval_every == 0 or sched.done(step):
+            with sched.paused():
+                log(f"  {name} step {step}: {evaluate()}")
+    return step

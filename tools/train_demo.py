@@ -56,7 +56,7 @@ from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
 from tools.easy_vqa_data import Example, corpus, load_split, with_yes_no_questions
-from tools.lr_schedule import TimeBoxedCosine, optimizer_step
+from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
 from tools.train_conversations import Batch, Conversations, batches, collate, prefix_attention
@@ -142,6 +142,31 @@ def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: t
         hits += int((right & turns).sum())
         total += int(turns.sum())
     return hits / total
+
+
+def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Conversations, feats: torch.Tensor,
+                   pad: int, sched: TimeBoxedCosine, log):
+    """(Batch, features) for stage 2, endlessly: --plain-minutes of the shipped recipe (the image's own
+    questions as one shuffled multi-turn conversation), then --alternate or --single-turn/--yes-no."""
+    rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
+
+    def forever(epoch):  # epoch() builds one pass over the images (fresh yes/no questions each time)
+        while True:
+            yield from epoch()
+
+    plain = forever(lambda: batches(train, conv, feats, args.batch, rng, pad, multi_turn=True))
+    if args.plain_minutes:
+        while sched.minutes_elapsed() < args.plain_minutes:
+            yield next(plain)
+        log(f"  {args.plain_minutes:g} min of plain multi-turn done")
+    if args.alternate:  # the shipped recipe, then single-turn balanced yes/no only (no caption)
+        yes_no = forever(lambda: batches(with_yes_no_questions(train, args.yes_no, np_rng, keep_own=False), conv,
+                                         feats, args.batch, rng, pad, multi_turn=False, describe=False))
+        while True:
+            yield next(plain)
+            yield next(yes_no)
+    yield from forever(lambda: batches(with_yes_no_questions(train, args.yes_no, np_rng), conv, feats, args.batch,
+                                       rng, pad, multi_turn=not args.single_turn))
 
 
 def write_examples(out: Path, test: list[Example], n: int = 8) -> None:
@@ -249,48 +274,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{num_visual} visual tokens, {len(train)} train conversations, batch {args.batch}, {args.minutes:g} min")
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = TimeBoxedCosine(args.lr, args.minutes, max_steps=len(train) // args.batch * args.epochs)
-    rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
-    pad = cfg.pad_token_id or 0
+    source = stage2_batches(args, train, conv, feats, cfg.pad_token_id or 0, sched, log)
 
-    def plain_batches():  # the image's own questions and caption, one shuffled multi-turn conversation
-        while True:
-            yield from batches(train, conv, feats, args.batch, rng, pad, multi_turn=True)
-
-    def yes_no_batches():  # single-turn, only fresh balanced yes/no questions (no caption)
-        while True:
-            epoch = with_yes_no_questions(train, args.yes_no, np_rng, keep_own=False)
-            yield from batches(epoch, conv, feats, args.batch, rng, pad, multi_turn=False, describe=False)
-
-    def configured_batches():  # --single-turn / --yes-no on top of the image's own questions
-        while True:
-            epoch = with_yes_no_questions(train, args.yes_no, np_rng)  # fresh every epoch, easy-VQA's wording
-            yield from batches(epoch, conv, feats, args.batch, rng, pad, not args.single_turn)
-
-    plain = sched.minutes_elapsed() < args.plain_minutes
-    streams = [plain_batches()] if plain else (
-        [plain_batches(), yes_no_batches()] if args.alternate else [configured_batches()])
-    step = 0
-    model.train()
-    while not sched.done(step):
-        batch, f = next(streams[step % len(streams)])
-        lr_now = sched.lr(step)
+    def next_loss() -> torch.Tensor:
+        batch, f = next(source)
         logits = logits_from_features(model, batch, f)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
-        optimizer_step(opt, params, loss, lr_now)
-        step += 1
-        if step % 10 == 0:
-            log(f"step {step} loss {loss.item():.4f} lr {sched.lr(step):.2e} "
-                f"{sched.minutes_elapsed():.1f}/{args.minutes:g} min", bar=True)
-        if step % 200 == 0 or sched.done(step):
-            with sched.paused():
-                model.eval()
-                acc = quick_accuracy(model, conv, test, test_feats)
-                model.train()
-                log(f"  step {step}: exact match, every question of 200 test images {acc:.3f}")
-        if plain and sched.minutes_elapsed() >= args.plain_minutes:
-            plain = False
-            streams = [plain_batches(), yes_no_batches()] if args.alternate else [configured_batches()]
-            log(f"  step {step}: {args.plain_minutes:g} min of plain multi-turn done")
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
+
+    def evaluate() -> str:
+        model.eval()
+        acc = quick_accuracy(model, conv, test, test_feats)
+        model.train()
+        return f"exact match, every question of 200 test images {acc:.3f}"
+
+    model.train()
+    step = train_time_boxed(sched, opt, params, next_loss, evaluate, log, name="stage 2", log_every=10, eval_every=200)
     if args.standardise:
         fold_standardisation(model.multi_modal_projector, mean, std)
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.clip import CLIPVisionModel
 from tools.easy_vqa_data import COLORS, SHAPES, Example
-from tools.lr_schedule import TimeBoxedCosine, optimizer_step
+from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
 
 SIZES_WORDS, ROWS, COLS = ("small", "medium", "large"), ("top", "middle", "bottom"), ("left", "center", "right")
 HEADS = (("shape", SHAPES), ("colour", COLORS), ("size", SIZES_WORDS), ("row", ROWS), ("column", COLS))
@@ -89,24 +89,22 @@ def pretrain_tower(tower: CLIPVisionModel, pixels: torch.Tensor, labels: torch.T
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     steps_per_epoch = len(pixels) // batch
     sched = TimeBoxedCosine(lr, minutes, max_steps=steps_per_epoch * 1000)
+
+    def shuffled_batches():
+        while True:
+            order = torch.randperm(len(pixels), generator=g)
+            yield from (order[s:s + batch] for s in range(0, steps_per_epoch * batch, batch))
+
+    source = shuffled_batches()
+
+    def next_loss() -> torch.Tensor:
+        idx = next(source)
+        return sum(F.cross_entropy(o, labels[idx, k]) for k, o in enumerate(heads(tower(pixels[idx]))))
+
     tower.train()
-    step = 0
-    while not sched.done(step):
-        order = torch.randperm(len(pixels), generator=g)
-        for s in range(0, steps_per_epoch * batch, batch):
-            idx = order[s:s + batch]
-            lr_now = sched.lr(step)
-            loss = sum(F.cross_entropy(o, labels[idx, k]) for k, o in enumerate(heads(tower(pixels[idx]))))
-            optimizer_step(opt, params, loss, lr_now)
-            step += 1
-            if step % 20 == 0:
-                log(f"tower step {step} loss {loss.item():.3f} lr {sched.lr(step):.2e} "
-                    f"{sched.minutes_elapsed():.1f}/{sched.minutes:g} min", bar=True)
-            if step % 250 == 0 or sched.done(step):
-                with sched.paused():
-                    log(f"  tower step {step}: test accuracy {label_accuracy(tower, heads, test_pixels, test_labels)}")
-            if sched.done(step):
-                break
+    train_time_boxed(sched, opt, params, next_loss,
+                     lambda: f"test accuracy {label_accuracy(tower, heads, test_pixels, test_labels)}", log,
+                     name="tower", log_every=20, eval_every=250)
     acc = label_accuracy(tower, heads, test_pixels, test_labels)
     tower.requires_grad_(False)
     tower.eval()
