@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from PIL import Image
 
@@ -124,13 +125,21 @@ def test_multi_turn_packed_forward_is_plain_causal():
         torch.testing.assert_close(packed[b, :n], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_folded_standardisation_reads_raw_features_exactly():
+@pytest.mark.parametrize("whiten", [None, 0.1, 0.0])
+def test_folded_preconditioner_reads_raw_features_exactly(whiten):
     from models.llava import LlavaMultiModalProjector
-    from tools.train_demo import fold_standardisation, standardise
+    from tools.train_demo import fold_preconditioner, preconditioner
     torch.manual_seed(0)
     proj = LlavaMultiModalProjector(load_model(DEMO_MODEL_DIR).config).double()
-    feats = torch.randn(3, 7, proj.linear_1.in_features, dtype=torch.float64) * 5 + 2
-    mean, std = standardise(feats)
-    trained = proj((feats - mean) / std)
-    fold_standardisation(proj, mean, std)
+    n = proj.linear_1.in_features
+    mix = torch.randn(n, n, dtype=torch.float64)  # correlated channels, as the tower's are
+    feats = (torch.randn(3, 400, n, dtype=torch.float64) @ mix) * 5 + 2
+    mean, m = preconditioner(feats, whiten)
+    mean, m = mean.double(), m.double()
+    pre = (feats - mean) @ m
+    if whiten == 0.0:  # plain whitening: identity covariance
+        cov = pre.flatten(0, 1).T @ pre.flatten(0, 1) / (pre.shape[0] * pre.shape[1])
+        torch.testing.assert_close(cov, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-4)
+    trained = proj(pre)
+    fold_preconditioner(proj, mean, m)
     torch.testing.assert_close(proj(feats), trained)

@@ -55,7 +55,7 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import Example, corpus, load_split, with_yes_no_questions
+from tools.easy_vqa_data import Example, corpus, load_split, names_what_is_there, with_yes_no_questions
 from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
@@ -88,20 +88,32 @@ def logits_from_features(model: LlavaForConditionalGeneration, batch: Batch, fea
     return model.language_model.forward_dense(embeds, batch.positions, prefix_attention(batch))
 
 
-def standardise(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the tower's patch features (over every train token)."""
-    flat = feats.flatten(0, -2)
-    return flat.mean(0), flat.std(0).clamp_min(1e-6)
+def preconditioner(feats: torch.Tensor, whiten_ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, M) such that stage 2 trains the projector on (x - mean) @ M instead of the raw tower features x.
+
+    whiten_ridge None: per-channel standardisation (M diagonal). Otherwise ridge-regularised PCA
+    whitening, M = (C + ridge * mean eigenvalue * I)^-1/2 of the token covariance C: the raw
+    features are one direction (85% of the variance) plus small ones that hold colour (1.5%) and
+    shape (3%); whitened with ridge 0.1 those shares become 17% and 10% (README).
+    """
+    flat = feats.flatten(0, -2).double()
+    mean = flat.mean(0)
+    if whiten_ridge is None:
+        return mean.float(), torch.diag(1 / flat.std(0).clamp_min(1e-6)).float()
+    centred = flat - mean
+    evals, evecs = torch.linalg.eigh(centred.T @ centred / len(centred))
+    scale = (evals.clamp_min(0) + whiten_ridge * evals.clamp_min(0).mean()) ** -0.5
+    return mean.float(), ((evecs * scale) @ evecs.T).float()
 
 
 @torch.no_grad()
-def fold_standardisation(projector: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Make projector(x) compute what it was trained to compute on (x - mean) / std: fold the scaling
-    into its first linear layer, so the saved checkpoint reads raw tower features like any LLaVA."""
+def fold_preconditioner(projector: torch.nn.Module, mean: torch.Tensor, m: torch.Tensor) -> None:
+    """Make projector(x) compute what it was trained to compute on (x - mean) @ m: fold the map into
+    its first linear layer, so the saved checkpoint reads raw tower features like any LLaVA."""
     lin = projector.linear_1
-    lin.weight.div_(std)
     if lin.bias is None:
-        raise ValueError("--standardise needs a projector bias to fold the mean into")
+        raise ValueError("a preconditioned projector needs a bias to fold the mean into")
+    lin.weight.copy_(lin.weight @ m.T)
     lin.bias.sub_(lin.weight @ mean)
 
 
@@ -128,11 +140,14 @@ def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
 
 
 @torch.no_grad()
-def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: torch.Tensor, n: int = 200) -> float:
-    """Teacher-forced exact match of every question of n test images, each as a first turn."""
-    hits = total = 0
+def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: torch.Tensor,
+                   n: int = 200) -> tuple[float, float]:
+    """Teacher-forced exact match of every question of n test images, each as a first turn: over all
+    of them, and over the yes/no questions that name the image's own colour or shape (the hard ones)."""
+    hits = total = present_hits = present = 0
     for s in range(0, n, 25):
-        batch = collate([conv.build(e) for e in examples[s:s + 25]], 0)
+        chunk = examples[s:s + 25]
+        batch = collate([conv.build(e) for e in chunk], 0)
         pred = logits_from_features(model, batch, feats[s:s + 25]).argmax(-1)
         # Token t predicts t+1, and every turn starts with question tokens: shift within the turns.
         pred, labels = batch.turn_view(pred)[..., :-1], batch.turn_view(batch.labels)[..., 1:]
@@ -141,7 +156,13 @@ def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: t
         turns = trained.any(-1)
         hits += int((right & turns).sum())
         total += int(turns.sum())
-    return hits / total
+        names = torch.zeros_like(turns)  # build() lays out the turns in e.qa order, the caption last
+        for b, e in enumerate(chunk):
+            for k, (q, a) in enumerate(e.qa):
+                names[b, k] = a in ("yes", "no") and names_what_is_there(q, a)
+        present_hits += int((right & names).sum())
+        present += int(names.sum())
+    return hits / total, present_hits / max(1, present)
 
 
 def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Conversations, feats: torch.Tensor,
@@ -220,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standardise", action="store_true",
                     help="train the projector on per-channel standardised tower features (folded into its "
                          "first linear layer at save: the checkpoint still reads raw features)")
+    ap.add_argument("--whiten", type=float, default=None, metavar="RIDGE",
+                    help="train the projector on ridge-regularised PCA-whitened tower features (folded into its "
+                         "first linear layer at save); 0.1 lifts colour from 1.5%% to 17%% of the variance")
     ap.add_argument("--plain-minutes", type=float, default=0.0,
                     help="the first minutes of stage 2 train the image's own questions as one multi-turn "
                          "conversation (the shipped recipe, which learns to read colour and shape), whatever "
@@ -265,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                              minutes=args.tower_minutes, seed=args.seed, log=log)
         log(f"stage 1 done: test accuracy {acc}, frozen")
     feats, test_feats = tower_features(model, pixels), tower_features(model, test_pixels[:200])
-    if args.standardise:  # colour lives in small directions of the raw features (README)
-        mean, std = standardise(feats)
-        feats, test_feats = (feats - mean) / std, (test_feats - mean) / std
+    if args.standardise or args.whiten is not None:  # colour lives in small directions of the raw features
+        mean, m = preconditioner(feats, args.whiten)
+        feats, test_feats = (feats - mean) @ m, (test_feats - mean) @ m
+        log(f"projector input preconditioned: {'whitened, ridge %g' % args.whiten if args.whiten is not None else 'standardised'}")
 
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"stage 2: projector + decoder ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
@@ -283,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> str:
         model.eval()
-        acc = quick_accuracy(model, conv, test, test_feats)
+        acc, present = quick_accuracy(model, conv, test, test_feats)
         model.train()
-        return f"exact match, every question of 200 test images {acc:.3f}"
+        return f"exact match, every question of 200 test images {acc:.3f}, yes/no naming what is there {present:.3f}"
 
     model.train()
     step = train_time_boxed(sched, opt, params, next_loss, evaluate, log, name="stage 2", log_every=10, eval_every=200)
-    if args.standardise:
-        fold_standardisation(model.multi_modal_projector, mean, std)
+    if args.standardise or args.whiten is not None:
+        fold_preconditioner(model.multi_modal_projector, mean, m)
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite
     sd.update({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     _save(sd, out, 1, torch.float32)
