@@ -55,7 +55,7 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import Example, corpus, load_split, names_what_is_there, with_yes_no_questions
+from tools.easy_vqa_data import COLORS, SHAPES, Example, corpus, load_split, names_what_is_there, with_yes_no_questions
 from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
@@ -139,30 +139,38 @@ def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def question_kind(question: str, answer: str) -> str:
+    """colour, shape, or yes/no split by whether the colour or shape it names is in the image."""
+    if answer in COLORS:
+        return "colour"
+    if answer in SHAPES:
+        return "shape"
+    return "yes/no present" if names_what_is_there(question, answer) else "yes/no absent"
+
+
+QUICK_KINDS = ("colour", "shape", "yes/no present", "yes/no absent", "caption")
+
+
 @torch.no_grad()
 def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: torch.Tensor,
-                   n: int = 200) -> tuple[float, float]:
+                   n: int = 200) -> dict[str, float]:
     """Teacher-forced exact match of every question of n test images, each as a first turn: over all
-    of them, and over the yes/no questions that name the image's own colour or shape (the hard ones)."""
-    hits = total = present_hits = present = 0
+    of them ("all") and per kind (QUICK_KINDS)."""
+    hits, total = dict.fromkeys(("all",) + QUICK_KINDS, 0), dict.fromkeys(("all",) + QUICK_KINDS, 0)
     for s in range(0, n, 25):
         chunk = examples[s:s + 25]
         batch = collate([conv.build(e) for e in chunk], 0)
         pred = logits_from_features(model, batch, feats[s:s + 25]).argmax(-1)
         # Token t predicts t+1, and every turn starts with question tokens: shift within the turns.
         pred, labels = batch.turn_view(pred)[..., :-1], batch.turn_view(batch.labels)[..., 1:]
-        trained = labels != -100
-        right = ((pred == labels) | ~trained).all(-1)
-        turns = trained.any(-1)
-        hits += int((right & turns).sum())
-        total += int(turns.sum())
-        names = torch.zeros_like(turns)  # build() lays out the turns in e.qa order, the caption last
-        for b, e in enumerate(chunk):
-            for k, (q, a) in enumerate(e.qa):
-                names[b, k] = a in ("yes", "no") and names_what_is_there(q, a)
-        present_hits += int((right & names).sum())
-        present += int(names.sum())
-    return hits / total, present_hits / max(1, present)
+        right = ((pred == labels) | (labels == -100)).all(-1).tolist()
+        for b, e in enumerate(chunk):  # build() lays out the turns in e.qa order, the caption last
+            kinds = [question_kind(q, a) for q, a in e.qa] + ["caption"]
+            for k, kind in enumerate(kinds):
+                for key in ("all", kind):
+                    hits[key] += right[b][k]
+                    total[key] += 1
+    return {k: hits[k] / max(1, total[k]) for k in hits}
 
 
 def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Conversations, feats: torch.Tensor,
@@ -308,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> str:
         model.eval()
-        acc, present = quick_accuracy(model, conv, test, test_feats)
+        acc = quick_accuracy(model, conv, test, test_feats)
         model.train()
-        return f"exact match, every question of 200 test images {acc:.3f}, yes/no naming what is there {present:.3f}"
+        return "exact match on 200 test images: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
     model.train()
     step = train_time_boxed(sched, opt, params, next_loss, evaluate, log, name="stage 2", log_every=10, eval_every=200)
