@@ -143,3 +143,13 @@ def test_folded_preconditioner_reads_raw_features_exactly(whiten):
     trained = proj(pre)
     fold_preconditioner(proj, mean, m)
     torch.testing.assert_close(proj(feats), trained)
+
+
+def test_question_kind_splits_yes_no_by_what_is_named():
+    from tools.train_demo import question_kind
+    assert question_kind("what color is the shape?", "teal") == "colour"
+    assert question_kind("what is the blue shape?", "circle") == "shape"
+    assert question_kind("is there a red shape?", "yes") == "yes/no present"
+    assert question_kind("is there a red shape?", "no") == "yes/no absent"
+    assert question_kind("is no circle present?", "no") == "yes/no present"  # negated: the circle is there
+    assert question_kind("is there not a triangle?", "yes") == "yes/no absent"
