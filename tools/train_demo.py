@@ -35,7 +35,11 @@ stage 2 with M minutes of the shipped recipe before those options apply; --alter
 steps between the shipped recipe and single-turn batches of balanced yes/no questions only.
 Measured (README, demo model): balanced yes/no questions from the start teach shape matching (98%)
 but keep colour from being read; after the shipped recipe has taught colour, they teach no
-matching at all. None of these options is the default yet: none beat the shipped model.
+matching at all. --whiten RIDGE trains the projector on ridge-regularised PCA-whitened tower
+features (folded into linear_1 at save): the raw features are one huge direction plus small ones
+that carry colour, and whitened, colour's share of the variance goes from 1.5% to 17%. With
+--single-turn --yes-no 12 it lifted colour reading from 15% to 79% and started colour matching
+(README). None of these options is the default yet.
 """
 from __future__ import annotations
 
