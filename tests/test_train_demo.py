@@ -153,3 +153,12 @@ def test_question_kind_splits_yes_no_by_what_is_named():
     assert question_kind("is there a red shape?", "no") == "yes/no absent"
     assert question_kind("is no circle present?", "no") == "yes/no present"  # negated: the circle is there
     assert question_kind("is there not a triangle?", "yes") == "yes/no absent"
+
+
+@pytest.mark.parametrize("argv", [["--standardise", "--whiten", "0.1"], ["--whiten", "-1"]])
+def test_bad_preconditioner_options_exit_2_before_any_work(argv, tmp_path, capsys):
+    from tools.train_demo import main
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), *argv])
+    assert e.value.code == 2 and "--whiten" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

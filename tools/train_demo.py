@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip stage 1: take the trained vision tower from this earlier train_demo output")
     ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
+    if args.standardise and args.whiten is not None:
+        ap.error("--standardise and --whiten are two preconditioners: choose one")
+    if args.whiten is not None and args.whiten < 0:
+        ap.error(f"--whiten: the ridge must be >= 0, got {args.whiten:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.standardise or args.whiten is not None:  # colour lives in small directions of the raw features
         mean, m = preconditioner(feats, args.whiten)
         feats, test_feats = (feats - mean) @ m, (test_feats - mean) @ m
-        log(f"projector input preconditioned: {'whitened, ridge %g' % args.whiten if args.whiten is not None else 'standardised'}")
+        log("projector input " + ("standardised" if args.whiten is None else f"whitened, ridge {args.whiten:g}"))
 
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"stage 2: projector + decoder ({sum(p.numel() for p in params) / 1e6:.2f}M parameters), "
