@@ -128,7 +128,7 @@ def test_multi_turn_packed_forward_is_plain_causal():
 @pytest.mark.parametrize("whiten", [None, 0.1, 0.0])
 def test_folded_preconditioner_reads_raw_features_exactly(whiten):
     from models.llava import LlavaMultiModalProjector
-    from tools.train_demo import fold_preconditioner, preconditioner
+    from tools.feature_preconditioner import fold_preconditioner, preconditioner
     torch.manual_seed(0)
     proj = LlavaMultiModalProjector(load_model(DEMO_MODEL_DIR).config).double()
     n = proj.linear_1.in_features
@@ -146,7 +146,7 @@ def test_folded_preconditioner_reads_raw_features_exactly(whiten):
 
 
 def test_question_kind_splits_yes_no_by_what_is_named():
-    from tools.train_demo import question_kind
+    from tools.easy_vqa_data import question_kind
     assert question_kind("what color is the shape?", "teal") == "colour"
     assert question_kind("what is the blue shape?", "circle") == "shape"
     assert question_kind("is there a red shape?", "yes") == "yes/no present"

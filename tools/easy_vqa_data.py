@@ -51,6 +51,19 @@ def names_what_is_there(question: str, answer: str) -> bool:
     return (answer == "yes") != ("not" in words or "no" in words)
 
 
+def question_kind(question: str, answer: str) -> str:
+    """colour, shape, or yes/no split by whether the colour or shape it names is in the image.
+
+    easy-VQA's yes/no questions mostly name an absent colour or shape, so a model can score ~83% on
+    them without looking; "present" ones show whether it really matches the question against the image.
+    """
+    if answer in COLORS:
+        return "colour"
+    if answer in SHAPES:
+        return "shape"
+    return "yes/no present" if names_what_is_there(question, answer) else "yes/no absent"
+
+
 def _labels(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     """Colour and shape of an image from its own questions ('what color is the circle?' -> blue, ...)."""
     color = shape = None

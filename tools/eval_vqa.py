@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from tools.easy_vqa_data import COLORS, DESCRIBE, SHAPES, load_split, names_what_is_there
+from tools.easy_vqa_data import DESCRIBE, load_split, question_kind
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
                     "st3:ratio=0.5,anneal_floor=0.25,anneal_steps=8",
@@ -56,17 +56,9 @@ KINDS = ("yes/no", "yes/no present", "yes/no absent", "colour", "shape")
 
 
 def answer_kinds(question: str, gold: str) -> tuple[str, ...]:
-    """The families a question counts in: colour, shape, or yes/no and whether it names what is there.
-
-    easy-VQA's yes/no questions mostly name an absent colour or shape, so a model can score ~83% on
-    them without looking; "present" ones (the named colour or shape is the image's) show whether it
-    really matches the question against the image.
-    """
-    if gold in COLORS:
-        return ("colour",)
-    if gold in SHAPES:
-        return ("shape",)
-    return "yes/no", "yes/no present" if names_what_is_there(question, gold) else "yes/no absent"
+    """The families a question counts in (KINDS): its question_kind, and "yes/no" for every yes/no one."""
+    kind = question_kind(question, gold)
+    return ("yes/no", kind) if kind.startswith("yes/no") else (kind,)
 
 
 def evaluate(model: Path, setting: str, questions: list, captions: list, max_num_seqs: int) -> dict:

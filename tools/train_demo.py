@@ -33,14 +33,9 @@ yes/no questions per image every epoch, naming the image's own colour or shape h
 so that only matching the named word against the image answers them. --plain-minutes M starts
 stage 2 with M minutes of the shipped recipe before those options apply; --alternate alternates
 steps between the shipped recipe and single-turn batches of balanced yes/no questions only.
-Measured (README, demo model): balanced yes/no questions from the start teach shape matching (98%)
-but keep colour from being read; after the shipped recipe has taught colour, they teach no
-matching at all. --whiten RIDGE trains the projector on ridge-regularised PCA-whitened tower
-features (folded into linear_1 at save): the raw features are one huge direction plus small ones
-that carry colour, and whitened, colour's share of the variance goes from 1.5% to 17%. With
---single-turn --yes-no 12 it lifted colour reading from 15% to 79% and started colour matching
-(README); with --plain-minutes 8 first it reached 93.8% in a 30-minute stage 2, the best so far.
-None of these options is the default yet.
+--whiten RIDGE (or --standardise) trains the projector on preconditioned tower features
+(tools/feature_preconditioner.py). What each option did is measured in the README (Demo model);
+none of them is the default yet.
 """
 from __future__ import annotations
 
@@ -60,8 +55,9 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import COLORS, SHAPES, Example, corpus, load_split, names_what_is_there, with_yes_no_questions
+from tools.easy_vqa_data import Example, corpus, load_split, question_kind, with_yes_no_questions
 from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
+from tools.feature_preconditioner import fold_preconditioner, preconditioner
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.tiny_tokenizer import write_tokenizer
 from tools.train_conversations import Batch, Conversations, batches, collate, prefix_attention
@@ -93,35 +89,6 @@ def logits_from_features(model: LlavaForConditionalGeneration, batch: Batch, fea
     return model.language_model.forward_dense(embeds, batch.positions, prefix_attention(batch))
 
 
-def preconditioner(feats: torch.Tensor, whiten_ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, M) such that stage 2 trains the projector on (x - mean) @ M instead of the raw tower features x.
-
-    whiten_ridge None: per-channel standardisation (M diagonal). Otherwise ridge-regularised PCA
-    whitening, M = (C + ridge * mean eigenvalue * I)^-1/2 of the token covariance C: the raw
-    features are one direction (85% of the variance) plus small ones that hold colour (1.5%) and
-    shape (3%); whitened with ridge 0.1 those shares become 17% and 10% (README).
-    """
-    flat = feats.flatten(0, -2).double()
-    mean = flat.mean(0)
-    if whiten_ridge is None:
-        return mean.float(), torch.diag(1 / flat.std(0).clamp_min(1e-6)).float()
-    centred = flat - mean
-    evals, evecs = torch.linalg.eigh(centred.T @ centred / len(centred))
-    scale = (evals.clamp_min(0) + whiten_ridge * evals.clamp_min(0).mean()) ** -0.5
-    return mean.float(), ((evecs * scale) @ evecs.T).float()
-
-
-@torch.no_grad()
-def fold_preconditioner(projector: torch.nn.Module, mean: torch.Tensor, m: torch.Tensor) -> None:
-    """Make projector(x) compute what it was trained to compute on (x - mean) @ m: fold the map into
-    its first linear layer, so the saved checkpoint reads raw tower features like any LLaVA."""
-    lin = projector.linear_1
-    if lin.bias is None:
-        raise ValueError("a preconditioned projector needs a bias to fold the mean into")
-    lin.weight.copy_(lin.weight @ m.T)
-    lin.bias.sub_(lin.weight @ mean)
-
-
 def load_tower(model: LlavaForConditionalGeneration, src: Path) -> None:
     """Copy a trained vision tower out of an earlier checkpoint of the same sizes, and freeze it."""
     with safe_open(str(src / "model.safetensors"), "pt") as f:
@@ -142,15 +109,6 @@ def init_weights(model: LlavaForConditionalGeneration, seed: int) -> None:
                 p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-
-
-def question_kind(question: str, answer: str) -> str:
-    """colour, shape, or yes/no split by whether the colour or shape it names is in the image."""
-    if answer in COLORS:
-        return "colour"
-    if answer in SHAPES:
-        return "shape"
-    return "yes/no present" if names_what_is_there(question, answer) else "yes/no absent"
 
 
 QUICK_KINDS = ("colour", "shape", "yes/no present", "yes/no absent", "caption")
@@ -306,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                              minutes=args.tower_minutes, seed=args.seed, log=log)
         log(f"stage 1 done: test accuracy {acc}, frozen")
     feats, test_feats = tower_features(model, pixels), tower_features(model, test_pixels[:200])
-    if args.standardise or args.whiten is not None:  # colour lives in small directions of the raw features
+    precondition = args.standardise or args.whiten is not None  # colour lives in small directions of raw features
+    if precondition:
         mean, m = preconditioner(feats, args.whiten)
         feats, test_feats = (feats - mean) @ m, (test_feats - mean) @ m
         log("projector input " + ("standardised" if args.whiten is None else f"whitened, ridge {args.whiten:g}"))
@@ -331,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     step = train_time_boxed(sched, opt, params, next_loss, evaluate, log, name="stage 2", log_every=10, eval_every=200)
-    if args.standardise or args.whiten is not None:
+    if precondition:
         fold_preconditioner(model.multi_modal_projector, mean, m)
     sd = random_state_dict(cfg, args.seed)  # the full CLIP depth a real checkpoint carries; trained parts overwrite
     sd.update({k: v.detach().contiguous() for k, v in model.state_dict().items()})
