@@ -19,7 +19,7 @@ EXAMPLES = DEMO_MODEL_DIR / "examples"
 # sha256 of every shipped file, recorded when tools/train_demo.py wrote them: an accidental
 # overwrite (a retrain, a re-save in another dtype, a tokenizer rebuilt) fails here.
 CHECKSUMS = {
-    "config.json": "195dfc127685122ea9911a9f934a292fbcb7dca6a44888c2d0381cc8c01c3640",
+    "config.json": "a4ba5043217a40077d98532d45b8e67e87aac2965b548903cf2974cd4f14a76b",
     "examples/LICENSE-easy-vqa.txt": "373e715e99fb6a73e35aa48c95f1e651eadf16195b0bc4d7fb837ad3a41d26bd",
     "examples/easy-vqa-test-0.png": "98ceaf199bddfea337cc8ea19c04d1f76b2b9077d542a2de45c17b03ad49579e",
     "examples/easy-vqa-test-1.png": "fbfc313f75e55d37bb2e8819b88d2c5e9881d506bb0fb4eab866993d123e5d35",
@@ -30,11 +30,11 @@ CHECKSUMS = {
     "examples/easy-vqa-test-6.png": "98e1174bb41ad741fd132b112ccd40545a27d35264b9970b30205e214f52ef28",
     "examples/easy-vqa-test-7.png": "4c9fdf3af129473af467019ed455a4ab8a701859799da4ddeb97a46b38adec6f",
     "examples/examples.json": "29de520c000b50bfa8aed0e60366526267922b58e276c7e3e17e6edad7deb3a0",
-    "model.safetensors": "2a19f51d3a0047c42a33e90b49707940af337eb82db7d9015936403e2e37af32",
+    "model.safetensors": "e8ff43a6243307bc6aa69847711e123d975aa5b6795ad8030439ab25a28d063c",
     "preprocessor_config.json": "c489c50c9163e28fc2b631a167bc4c530505a48478d25a0c4a8cd972f1e4727f",
     "special_tokens_map.json": "a8e32cd9505b7cb01e60e7c62e72fe778ac8a7f46ddeb4c7d7f18c43e5c4251e",
-    "tokenizer.json": "146476a926b7677ef0cfe9199c1d9c57f6ad2f0430e1aafab56b456bba097180",
-    "tokenizer_config.json": "289fd0f8b68ad94f72f6f42dbbbd6f1e136fb289579382c9282b7913c569efdf",
+    "tokenizer.json": "352fa5a171186e0bb583f0742054ce4dd1dcc59ca82d65bf7cd95d4fcb6b1495",
+    "tokenizer_config.json": "9a149428696508970baf772fef18a63c73f41e66d6e1a6b497816362df82b16f",
 }
 
 
@@ -67,7 +67,7 @@ def _ask(llm, items, policy_llm=None):
 
 
 def test_it_names_the_colour_and_shape_of_real_test_images(llm, examples):
-    # 99.6% and 98.3% on the whole test split (README: Demo model).
+    # 100% and 98.9% on the first 2,900 test questions (README: Demo model).
     items = [(e["image"], q) for e in examples for q in ("what color is the shape?", "what shape is in the image?")]
     assert _ask(llm, items) == [x for e in examples for x in (e["color"], e["shape"])]
 
@@ -75,20 +75,19 @@ def test_it_names_the_colour_and_shape_of_real_test_images(llm, examples):
 def test_it_answers_the_dataset_questions(llm, examples):
     """Every easy-VQA question of the shipped test images (yes/no, negations, colours, shapes).
 
-    The bar sits under the model's 87.2% on the whole test split (its yes/no answers, 83%, are the
-    weak part), far above chance (~50% on yes/no, 1/8 and 1/3 on colours and shapes); issue 7's goal
-    is 95%.
+    The bar sits well under the model's 94.7% on the first 2,900 test questions and far above
+    chance (~50% on yes/no, 1/8 and 1/3 on colours and shapes); issue 7's goal is 95%.
     """
     items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
     want = [a for e in examples for _, a in e["qa"]]
     got = _ask(llm, items)
     right = sum(g == w for g, w in zip(got, want))
-    assert right >= 0.8 * len(want), list(zip(items, got, want))
+    assert right >= 0.85 * len(want), list(zip(items, got, want))
 
 
 def test_st3_keeps_the_answers(llm, examples):
-    # On the whole test split ST3 (defaults) is 0.5 points under full (86.7% vs 87.2%); on these 81
-    # questions allow 3 more misses than full, and the shapes must all stay right.
+    # On these 81 questions allow ST3 (defaults) 3 more misses than full, and the shapes must all
+    # stay right.
     st3 = LLM(policy="st3")
     items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
     want = [a for e in examples for _, a in e["qa"]]

@@ -155,10 +155,12 @@ def test_question_kind_splits_yes_no_by_what_is_named():
     assert question_kind("is there not a triangle?", "yes") == "yes/no absent"
 
 
-@pytest.mark.parametrize("argv", [["--standardise", "--whiten", "0.1"], ["--whiten", "-1"]])
+@pytest.mark.parametrize("argv", [["--standardise", "--whiten", "0.1"], ["--whiten", "-1"],
+                                  ["--raw-features", "--whiten", "0.1"], ["--raw-features", "--standardise"]])
 def test_bad_preconditioner_options_exit_2_before_any_work(argv, tmp_path, capsys):
     from tools.train_demo import main
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "m"), *argv])
-    assert e.value.code == 2 and "--whiten" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("--whiten" in err or "--standardise" in err), err
     assert not (tmp_path / "m").exists()

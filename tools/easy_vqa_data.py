@@ -189,3 +189,19 @@ def with_yes_no_questions(examples: list[Example], per_image: int, rng: np.rando
             extra.append((template.format(thing), "yes" if present != negated else "no"))
         out.append(Example(e.image_id, e.image_path, e.color, e.shape, e.caption, (list(e.qa) if keep_own else []) + extra))
     return out
+
+
+def write_examples(out: Path, test: list[Example], n: int = 8) -> None:
+    """Copy the first n easy-VQA test images with their questions and captions into out/examples."""
+    d = out / "examples"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for e in test[:n]:
+        name = f"easy-vqa-test-{e.image_id}.png"
+        (d / name).write_bytes(e.image_path.read_bytes())
+        rows.append({"image": name, "color": e.color, "shape": e.shape, "caption": e.caption,
+                     "qa": [list(x) for x in e.qa]})
+    (d / "examples.json").write_text(json.dumps(rows, indent=1))
+    (d / "LICENSE-easy-vqa.txt").write_text(
+        "The images in this folder are from the easy-VQA dataset (https://github.com/vzhou842/easy-VQA,\n"
+        "PyPI easy-vqa 1.0), Copyright (c) 2019 Victor Zhou, released under the MIT License.\n")

@@ -1,7 +1,7 @@
 """Train the shipped demo model: a small LLaVA, from scratch, on easy-VQA plus a caption task, on CPU.
 
     pip install -e '.[demo]'
-    python -m tools.train_demo --out engine/demo_model --tower-minutes 15 --minutes 40
+    python -m tools.train_demo --out engine/demo_model --tower-minutes 15 --minutes 44
 
 The model is built from the same `models/` classes the engine serves (autograd through the
 decoder's dense forward), and saved in the llava-hf layout with its tokenizer and preprocessor config.
@@ -23,19 +23,23 @@ Sizes, and why:
 
 Each image is one packed sequence (tools/train_conversations.py): its prompt and 256 visual tokens
 once, then its questions (and "describe the image."), so the visual tokens are computed once per
-image rather than once per question. The shipped model trained them as one shuffled multi-turn
-conversation; --single-turn trains every question as a lone first turn instead (exactly what the
-engine serves: each sees the image prefix and itself only).
+image rather than once per question.
 
-easy-VQA's own yes/no questions (half the split) name an absent colour or shape ~83% of the time,
-and the shipped model answers them from that prior (87% overall, README). --yes-no N adds N fresh
-yes/no questions per image every epoch, naming the image's own colour or shape half of the time,
-so that only matching the named word against the image answers them. --plain-minutes M starts
-stage 2 with M minutes of the shipped recipe before those options apply; --alternate alternates
-steps between the shipped recipe and single-turn batches of balanced yes/no questions only.
---whiten RIDGE (or --standardise) trains the projector on preconditioned tower features
-(tools/feature_preconditioner.py). What each option did is measured in the README (Demo model);
-none of them is the default yet.
+Stage 2's defaults are the recipe of the shipped model; each was needed (README, Demo model):
+  * --whiten 0.1: the projector trains on ridge-regularised PCA-whitened tower features (folded
+    into its first linear layer at save, so the checkpoint stays plain llava-hf). Raw features are
+    one direction holding 85% of the variance; colour, in small directions, was otherwise not
+    learned together with the balanced yes/no questions below.
+  * --plain-minutes 8: the first minutes train the image's own easy-VQA questions as one shuffled
+    multi-turn conversation, which learns to read colour and shape.
+  * then --single-turn --yes-no 12: every question a lone first turn (exactly what the engine
+    serves: each sees the image prefix and itself only), plus 12 fresh yes/no questions per image
+    and epoch naming the image's own colour or shape half of the time. easy-VQA's own yes/no
+    questions name an absent one ~83% of the time, and a model trained on them alone answers from
+    that prior instead of matching the named word against the image.
+  * --word-tokenizer: 448 pieces, every word one piece, so a turn is ~12 tokens instead of ~30.
+--no-single-turn, --no-word-tokenizer, --yes-no 0, --plain-minutes 0 and --raw-features give back
+the first recipe; --alternate and --standardise are variants that did worse.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import Example, corpus, load_split, question_kind, with_yes_no_questions
+from tools.easy_vqa_data import (Example, corpus, load_split, question_kind, with_yes_no_questions,
+                                 write_examples)
 from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
 from tools.feature_preconditioner import fold_preconditioner, preconditioner
 from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
@@ -138,8 +143,8 @@ def quick_accuracy(model, conv: Conversations, examples: list[Example], feats: t
 
 def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Conversations, feats: torch.Tensor,
                    pad: int, sched: TimeBoxedCosine, log):
-    """(Batch, features) for stage 2, endlessly: --plain-minutes of the shipped recipe (the image's own
-    questions as one shuffled multi-turn conversation), then --alternate or --single-turn/--yes-no."""
+    """(Batch, features) for stage 2, endlessly: --plain-minutes of plain multi-turn (the image's own
+    questions as one shuffled conversation), then --alternate or --single-turn/--yes-no."""
     rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
 
     def forever(epoch):  # epoch() builds one pass over the images (fresh yes/no questions each time)
@@ -151,7 +156,7 @@ def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Convers
         while sched.minutes_elapsed() < args.plain_minutes:
             yield next(plain)
         log(f"  {args.plain_minutes:g} min of plain multi-turn done")
-    if args.alternate:  # the shipped recipe, then single-turn balanced yes/no only (no caption)
+    if args.alternate:  # plain multi-turn, then single-turn balanced yes/no only (no caption)
         yes_no = forever(lambda: batches(with_yes_no_questions(train, args.yes_no, np_rng, keep_own=False), conv,
                                          feats, args.batch, rng, pad, multi_turn=False, describe=False))
         while True:
@@ -159,22 +164,6 @@ def stage2_batches(args: argparse.Namespace, train: list[Example], conv: Convers
             yield next(yes_no)
     yield from forever(lambda: batches(with_yes_no_questions(train, args.yes_no, np_rng), conv, feats, args.batch,
                                        rng, pad, multi_turn=not args.single_turn))
-
-
-def write_examples(out: Path, test: list[Example], n: int = 8) -> None:
-    """Copy the first n easy-VQA test images with their questions and captions into out/examples."""
-    d = out / "examples"
-    d.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for e in test[:n]:
-        name = f"easy-vqa-test-{e.image_id}.png"
-        (d / name).write_bytes(e.image_path.read_bytes())
-        rows.append({"image": name, "color": e.color, "shape": e.shape, "caption": e.caption,
-                     "qa": [list(x) for x in e.qa]})
-    (d / "examples.json").write_text(json.dumps(rows, indent=1))
-    (d / "LICENSE-easy-vqa.txt").write_text(
-        "The images in this folder are from the easy-VQA dataset (https://github.com/vzhou842/easy-VQA,\n"
-        "PyPI easy-vqa 1.0), Copyright (c) 2019 Victor Zhou, released under the MIT License.\n")
 
 
 class Log:
@@ -193,32 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/demo")
     ap.add_argument("--tower-minutes", type=float, default=15.0, help="stage 1: vision tower pretraining time")
-    ap.add_argument("--minutes", type=float, default=40.0, help="stage 2: projector + decoder training time")
+    ap.add_argument("--minutes", type=float, default=44.0, help="stage 2: projector + decoder training time")
     ap.add_argument("--epochs", type=int, default=100, help="stage 2 stops after this many epochs at most")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--single-turn", action="store_true",
-                    help="train every question as a lone first turn (what the engine serves) instead of one "
-                         "shuffled multi-turn conversation per image")
-    ap.add_argument("--yes-no", type=int, default=0,
+    ap.add_argument("--single-turn", action=argparse.BooleanOptionalAction, default=True,
+                    help="train every question as a lone first turn (what the engine serves); --no-single-turn: "
+                         "one shuffled multi-turn conversation per image")
+    ap.add_argument("--yes-no", type=int, default=12,
                     help="extra yes/no questions per train image and epoch, half about what is in it")
-    ap.add_argument("--word-tokenizer", action="store_true",
+    ap.add_argument("--word-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                     help="448 text pieces learned from the turns in their chat frame, punctuation apart: every "
-                         "word one piece, the same in questions and answers (the shipped 384 split 'yes' into "
-                         "'ye'+'s', sharing 'ye' with 'yellow')")
+                         "word one piece, the same in questions and answers (--no-word-tokenizer: 384 pieces, "
+                         "which split 'yes' into 'ye'+'s', sharing 'ye' with 'yellow')")
     ap.add_argument("--alternate", action="store_true",
-                    help="alternate steps: the image's own questions as one multi-turn conversation, then a "
-                         "single-turn batch of only --yes-no fresh balanced yes/no questions per image")
+                    help="alternate steps: the image's own questions as one multi-turn conversation, then "
+                         "single-turn batches of only the --yes-no questions")
     ap.add_argument("--standardise", action="store_true",
                     help="train the projector on per-channel standardised tower features (folded into its "
                          "first linear layer at save: the checkpoint still reads raw features)")
     ap.add_argument("--whiten", type=float, default=None, metavar="RIDGE",
                     help="train the projector on ridge-regularised PCA-whitened tower features (folded into its "
-                         "first linear layer at save); 0.1 lifts colour from 1.5%% to 17%% of the variance")
-    ap.add_argument("--plain-minutes", type=float, default=0.0,
+                         "first linear layer at save); the default 0.1 lifts colour from 1.5%% to 17%% of the "
+                         "variance")
+    ap.add_argument("--raw-features", action="store_true",
+                    help="train the projector on the raw tower features (no --whiten or --standardise)")
+    ap.add_argument("--plain-minutes", type=float, default=8.0,
                     help="the first minutes of stage 2 train the image's own questions as one multi-turn "
-                         "conversation (the shipped recipe, which learns to read colour and shape), whatever "
-                         "--single-turn and --yes-no say; those apply from then on")
+                         "conversation (which learns to read colour and shape); the other options apply after")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
@@ -227,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.standardise and args.whiten is not None:
         ap.error("--standardise and --whiten are two preconditioners: choose one")
+    if args.raw_features and (args.standardise or args.whiten is not None):
+        ap.error("--raw-features means no preconditioner: drop --standardise / --whiten")
     if args.whiten is not None and args.whiten < 0:
         ap.error(f"--whiten: the ridge must be >= 0, got {args.whiten:g}")
+    if not (args.raw_features or args.standardise or args.whiten is not None):
+        args.whiten = 0.1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
