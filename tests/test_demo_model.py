@@ -30,7 +30,7 @@ CHECKSUMS = {
     "examples/easy-vqa-test-6.png": "98e1174bb41ad741fd132b112ccd40545a27d35264b9970b30205e214f52ef28",
     "examples/easy-vqa-test-7.png": "4c9fdf3af129473af467019ed455a4ab8a701859799da4ddeb97a46b38adec6f",
     "examples/examples.json": "29de520c000b50bfa8aed0e60366526267922b58e276c7e3e17e6edad7deb3a0",
-    "model.safetensors": "e8ff43a6243307bc6aa69847711e123d975aa5b6795ad8030439ab25a28d063c",
+    "model.safetensors": "7c3265a2835c2ec224f5f9d800c018750a2eda8bf07b87d05a8104448cf0cdc4",
     "preprocessor_config.json": "c489c50c9163e28fc2b631a167bc4c530505a48478d25a0c4a8cd972f1e4727f",
     "special_tokens_map.json": "a8e32cd9505b7cb01e60e7c62e72fe778ac8a7f46ddeb4c7d7f18c43e5c4251e",
     "tokenizer.json": "352fa5a171186e0bb583f0742054ce4dd1dcc59ca82d65bf7cd95d4fcb6b1495",
@@ -67,7 +67,7 @@ def _ask(llm, items, policy_llm=None):
 
 
 def test_it_names_the_colour_and_shape_of_real_test_images(llm, examples):
-    # 100% and 98.9% on the first 2,900 test questions (README: Demo model).
+    # 99.9% and 98.7% on the whole test split (README: Demo model).
     items = [(e["image"], q) for e in examples for q in ("what color is the shape?", "what shape is in the image?")]
     assert _ask(llm, items) == [x for e in examples for x in (e["color"], e["shape"])]
 
@@ -75,14 +75,14 @@ def test_it_names_the_colour_and_shape_of_real_test_images(llm, examples):
 def test_it_answers_the_dataset_questions(llm, examples):
     """Every easy-VQA question of the shipped test images (yes/no, negations, colours, shapes).
 
-    The bar sits well under the model's 94.7% on the first 2,900 test questions and far above
-    chance (~50% on yes/no, 1/8 and 1/3 on colours and shapes); issue 7's goal is 95%.
+    The bar is issue 7's goal, 95% (77 of 81): the model answers all 81 here and 99.4% of the whole
+    test split; chance is ~50% on yes/no, 1/8 and 1/3 on colours and shapes.
     """
     items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
     want = [a for e in examples for _, a in e["qa"]]
     got = _ask(llm, items)
     right = sum(g == w for g, w in zip(got, want))
-    assert right >= 0.85 * len(want), list(zip(items, got, want))
+    assert right >= 0.95 * len(want), list(zip(items, got, want))
 
 
 def test_st3_keeps_the_answers(llm, examples):
@@ -96,6 +96,16 @@ def test_st3_keeps_the_answers(llm, examples):
     assert st3_right >= full_right - 3, (st3_right, full_right)
     shapes = [(e["image"], "what shape is in the image?") for e in examples]
     assert _ask(llm, shapes, st3) == [e["shape"] for e in examples]
+
+
+def test_captions_name_the_colour_and_shape_under_full_and_st3(llm, examples):
+    # "describe the image." is the long answer VTA acts on; full writes 7 of these 8 exactly (about
+    # 3 in 4 of the test split's) and gets colour and shape right in all of them, as ST3 must.
+    items = [(e["image"], "describe the image.") for e in examples]
+    st3 = LLM(policy="st3")
+    for got in (_ask(llm, items), _ask(llm, items, st3)):
+        assert all(f"{e['color']} {e['shape']}" in g for e, g in zip(examples, got)), got
+        assert sum(g == e["caption"] for e, g in zip(examples, got)) >= 5, got
 
 
 def test_cli_without_a_model_answers_a_real_question(examples):

@@ -1,4 +1,4 @@
-"""tools/eval_vqa.py's question families: yes/no split by whether the named colour or shape is there."""
+"""tools/eval_vqa.py: question families (yes/no split by whether the named colour or shape is there), bad settings."""
 from __future__ import annotations
 
 import pytest
@@ -17,3 +17,17 @@ from tools.eval_vqa import answer_kinds
 ])
 def test_answer_kinds(question, gold, kinds):
     assert answer_kinds(question, gold) == kinds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", "full;fastv:start_layer=1"], "--policies 'fastv:start_layer=1'"),
+    (["--policies", "st3:ratio=1.5"], "ratio must be in [0, 1)"),
+    (["--policies", "nope"], "unknown policy"),
+    (["--model", "/no/such/dir"], "--model"),
+])
+def test_bad_settings_exit_2_before_any_evaluation(argv, message, capsys):
+    from tools.eval_vqa import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
+from models.config import load_config
+from scheduler.policy import make_policy
 from tools.easy_vqa_data import DESCRIBE, load_split, question_kind
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
@@ -94,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write every figure (and the answers) here")
     args = ap.parse_args(argv)
+    settings = [s.strip() for s in args.policies.split(";") if s.strip()]
+    try:
+        layers = load_config(Path(args.model)).text.num_hidden_layers
+    except (OSError, ValueError) as e:
+        ap.error(f"--model: {e}")
+    for s in settings:  # all checked before the first one runs for minutes
+        name, params = parse_setting(s)
+        try:
+            make_policy(name, **params).validate(layers)
+        except ValueError as e:
+            ap.error(f"--policies {s!r}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     test = load_split(args.split)
@@ -102,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         questions = questions[:args.limit]
     images = test if args.captions is None else test[:args.captions]
     captions = [(e.image_path, DESCRIBE, e.caption) for e in images]
-    settings = [s.strip() for s in args.policies.split(";") if s.strip()]
     results = []
     for s in settings:
         r = evaluate(Path(args.model), s, questions, captions, args.max_num_seqs)

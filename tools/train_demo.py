@@ -1,7 +1,7 @@
 """Train the shipped demo model: a small LLaVA, from scratch, on easy-VQA plus a caption task, on CPU.
 
     pip install -e '.[demo]'
-    python -m tools.train_demo --out engine/demo_model --tower-minutes 15 --minutes 44
+    python -m tools.train_demo --out engine/demo_model --tower-minutes 15 --minutes 49
 
 The model is built from the same `models/` classes the engine serves (autograd through the
 decoder's dense forward), and saved in the llava-hf layout with its tokenizer and preprocessor config.
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/demo")
     ap.add_argument("--tower-minutes", type=float, default=15.0, help="stage 1: vision tower pretraining time")
-    ap.add_argument("--minutes", type=float, default=44.0, help="stage 2: projector + decoder training time")
+    ap.add_argument("--minutes", type=float, default=49.0, help="stage 2: projector + decoder training time")
     ap.add_argument("--epochs", type=int, default=100, help="stage 2 stops after this many epochs at most")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
