@@ -51,6 +51,11 @@ def llm():
 
 
 @pytest.fixture(scope="module")
+def st3():
+    return LLM(policy="st3")
+
+
+@pytest.fixture(scope="module")
 def examples():
     return json.loads((EXAMPLES / "examples.json").read_text())
 
@@ -85,10 +90,9 @@ def test_it_answers_the_dataset_questions(llm, examples):
     assert right >= 0.95 * len(want), list(zip(items, got, want))
 
 
-def test_st3_keeps_the_answers(llm, examples):
+def test_st3_keeps_the_answers(llm, st3, examples):
     # On these 81 questions allow ST3 (defaults) 3 more misses than full, and the shapes must all
     # stay right.
-    st3 = LLM(policy="st3")
     items = [(e["image"], q) for e in examples for q, _ in e["qa"]]
     want = [a for e in examples for _, a in e["qa"]]
     full_right = sum(g == w for g, w in zip(_ask(llm, items), want))
@@ -98,11 +102,10 @@ def test_st3_keeps_the_answers(llm, examples):
     assert _ask(llm, shapes, st3) == [e["shape"] for e in examples]
 
 
-def test_captions_name_the_colour_and_shape_under_full_and_st3(llm, examples):
+def test_captions_name_the_colour_and_shape_under_full_and_st3(llm, st3, examples):
     # "describe the image." is the long answer VTA acts on; full writes 7 of these 8 exactly (about
     # 3 in 4 of the test split's) and gets colour and shape right in all of them, as ST3 must.
     items = [(e["image"], "describe the image.") for e in examples]
-    st3 = LLM(policy="st3")
     for got in (_ask(llm, items), _ask(llm, items, st3)):
         assert all(f"{e['color']} {e['shape']}" in g for e, g in zip(examples, got)), got
         assert sum(g == e["caption"] for e, g in zip(examples, got)) >= 5, got

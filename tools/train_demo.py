@@ -198,15 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternate", action="store_true",
                     help="alternate steps: the image's own questions as one multi-turn conversation, then "
                          "single-turn batches of only the --yes-no questions")
-    ap.add_argument("--standardise", action="store_true",
-                    help="train the projector on per-channel standardised tower features (folded into its "
-                         "first linear layer at save: the checkpoint still reads raw features)")
-    ap.add_argument("--whiten", type=float, default=None, metavar="RIDGE",
-                    help="train the projector on ridge-regularised PCA-whitened tower features (folded into its "
-                         "first linear layer at save); the default 0.1 lifts colour from 1.5%% to 17%% of the "
-                         "variance")
-    ap.add_argument("--raw-features", action="store_true",
-                    help="train the projector on the raw tower features (no --whiten or --standardise)")
+    features = ap.add_mutually_exclusive_group()  # what the projector trains on: one preconditioner, or none
+    features.add_argument("--standardise", action="store_true",
+                          help="train the projector on per-channel standardised tower features (folded into "
+                               "its first linear layer at save: the checkpoint still reads raw features)")
+    features.add_argument("--whiten", type=float, default=None, metavar="RIDGE",
+                          help="train the projector on ridge-regularised PCA-whitened tower features (folded "
+                               "into its first linear layer at save); the default 0.1 lifts colour from 1.5%% "
+                               "to 17%% of the variance")
+    features.add_argument("--raw-features", action="store_true",
+                          help="train the projector on the raw tower features (no --whiten or --standardise)")
     ap.add_argument("--plain-minutes", type=float, default=8.0,
                     help="the first minutes of stage 2 train the image's own questions as one multi-turn "
                          "conversation (which learns to read colour and shape); the other options apply after")
@@ -216,10 +217,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip stage 1: take the trained vision tower from this earlier train_demo output")
     ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
-    if args.standardise and args.whiten is not None:
-        ap.error("--standardise and --whiten are two preconditioners: choose one")
-    if args.raw_features and (args.standardise or args.whiten is not None):
-        ap.error("--raw-features means no preconditioner: drop --standardise / --whiten")
     if args.whiten is not None and args.whiten < 0:
         ap.error(f"--whiten: the ridge must be >= 0, got {args.whiten:g}")
     if not (args.raw_features or args.standardise or args.whiten is not None):
