@@ -24,7 +24,7 @@ from .model_runner import ModelRunner
 from .outputs import RequestOutput, TextState, request_stats
 from .processor import InputProcessor
 from .sampling import SamplingBatch, SamplingParams, sample
-from .sequence import Sequence, Status
+from scheduler.sequence import Sequence, Status
 
 
 class LLM:

@@ -12,7 +12,7 @@ from scheduler.policy import Full, keep_top
 from .attention import decode_attention, decode_probs, entry_slots, gather_kv, prefill_attention
 from .triton_attention import paged_decode_attention, pick_backend
 from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets, width_buckets
-from .sequence import Sequence
+from scheduler.sequence import Sequence
 
 
 def visual_index(prompt_ids: list[int], image_token: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from models.tokenizer import Tokenizer
 
-from .sequence import Sequence
+from scheduler.sequence import Sequence
 
 
 @dataclass

@@ -59,7 +59,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.dense_logits(input_ids, pixel_values)
 
     def dense_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward` with autograd on: what tools/train_demo.py trains through."""
+        """`forward` with autograd on: what tools/demo/train.py trains through."""
         feats = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, feats)
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)

@@ -12,7 +12,7 @@ from collections import deque
 import torch
 
 from cache.layered import LayeredKVCache
-from engine.sequence import Sequence, Status
+from scheduler.sequence import Sequence, Status
 
 from .policy import Full
 

@@ -1,11 +1,5 @@
-import sys
-from pathlib import Path
-
-# Tests import the naive reference (tests/st3_reference.py) as a top-level module.
-sys.path.insert(0, str(Path(__file__).parent))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(scope="module", autouse=True)

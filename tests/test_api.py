@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams
 from scheduler.policy import PVTP, ST3, FastV, Full
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 BIG = 512  # KV blocks: plenty for every workload here
 GREEDY = dict(temperature=0.0, ignore_eos=True)  # transformers' generation_config has no EOS either

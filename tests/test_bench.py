@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench
-from tools.bench_report import percentile
-from tools.bench_workload import parse_len_range
+from tools.bench import serving as bench
+from tools.bench.report import percentile
+from tools.bench.workload import parse_len_range
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FIELDS = ["policy", "output_tok_per_s", "req_per_s", "total_tok_per_s",

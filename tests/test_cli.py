@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from models.tokenizer import Tokenizer
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 N0 = 16  # visual tokens of the tiny model: (32 / 8) ** 2

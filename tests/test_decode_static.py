@@ -5,7 +5,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams
 from engine.decode_buffers import graph_buckets, width_buckets
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 3, "anneal_floor": 0.2})]
 

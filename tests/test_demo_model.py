@@ -16,7 +16,7 @@ from engine.default_model import DEMO_MODEL_DIR, default_model_dir
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = DEMO_MODEL_DIR / "examples"
 
-# sha256 of every shipped file, recorded when tools/train_demo.py wrote them: an accidental
+# sha256 of every shipped file, recorded when tools/demo/train.py wrote them: an accidental
 # overwrite (a retrain, a re-save in another dtype, a tokenizer rebuilt) fails here.
 CHECKSUMS = {
     "config.json": "a4ba5043217a40077d98532d45b8e67e87aac2965b548903cf2974cd4f14a76b",

@@ -1,9 +1,9 @@
-"""tools/eval_vqa.py: question families (yes/no split by whether the named colour or shape is there), bad settings."""
+"""tools/demo/eval_vqa.py: question families (yes/no split by whether the named colour or shape is there), bad settings."""
 from __future__ import annotations
 
 import pytest
 
-from tools.eval_vqa import answer_kinds
+from tools.demo.eval_vqa import answer_kinds
 
 
 @pytest.mark.parametrize("question, gold, kinds", [
@@ -26,7 +26,7 @@ def test_answer_kinds(question, gold, kinds):
     (["--model", "/no/such/dir"], "--model"),
 ])
 def test_bad_settings_exit_2_before_any_evaluation(argv, message, capsys):
-    from tools.eval_vqa import main
+    from tools.demo.eval_vqa import main
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err

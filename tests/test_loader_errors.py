@@ -1,6 +1,6 @@
 """models.config / models.loader: every bad checkpoint is a ValueError that names its problem; harmless
 extras load; config.json files that leave almost everything to defaults read exactly as transformers
-reads them; and tools/make_tiny_model.py works from the command line."""
+reads them; and tools/fixtures/make_tiny_model.py works from the command line."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from models.config import load_config
 from models.loader import load_model
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(text_layers=2, vision_layers=2)  # small and fast; shapes otherwise the tiny preset's
@@ -381,7 +381,7 @@ def test_original_llava_config_variants(tmp_path, base_ckpts):
 def test_make_tiny_model_cli(tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "tools.make_tiny_model", str(out), "--text-layers", "2",
+    r = subprocess.run([sys.executable, "-m", "tools.fixtures.make_tiny_model", str(out), "--text-layers", "2",
                         "--kv-heads", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert str(out) in r.stdout

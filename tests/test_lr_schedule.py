@@ -2,7 +2,7 @@
 import math
 import time
 
-from tools.lr_schedule import TimeBoxedCosine
+from tools.demo.lr_schedule import TimeBoxedCosine
 
 
 def test_step_budget_ends_the_cosine():

@@ -1,6 +1,6 @@
 """Our LLaVA model (and engine) against transformers' LlavaForConditionalGeneration on the same checkpoint.
 
-Every case writes a seeded random-weight checkpoint with tools/make_tiny_model.py, loads it with our
+Every case writes a seeded random-weight checkpoint with tools/fixtures/make_tiny_model.py, loads it with our
 loader and with `transformers.LlavaForConditionalGeneration.from_pretrained`, and compares in fp32:
   * the selected CLIP hidden states (CLS included, before the projector),
   * the projected image features (and the projector alone on the same input),
@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from engine import LLM, SamplingParams  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.loader import load_model  # noqa: E402
-from tools.make_tiny_model import PRESETS, make_tiny_model  # noqa: E402
+from tools.fixtures.make_tiny_model import PRESETS, make_tiny_model  # noqa: E402
 
 ATOL = 1e-4
 TEXT_VOCAB = PRESETS["tiny"]["text_vocab"]

@@ -1,11 +1,11 @@
-"""The paged, batched engine equals the naive ST3 reference (tests/st3_reference.py) for every policy."""
+"""The paged, batched engine equals the naive ST3 reference (tools/fixtures/st3_reference.py) for every policy."""
 import pytest
 import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
-from st3_reference import reference_generate
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.st3_reference import reference_generate
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 POLICIES = [
     ("full", {}),

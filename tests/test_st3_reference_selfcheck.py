@@ -1,4 +1,4 @@
-"""Self-checks of the naive policy reference in tests/st3_reference.py (tiny random models, CPU, fp32)."""
+"""Self-checks of the naive policy reference in tools/fixtures/st3_reference.py (tiny random models, CPU, fp32)."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from models.loader import load_model
-try:  # `python -m pytest` (repo root on sys.path) or tests/ as a package
-    from tests.st3_reference import (budgets, event_layers, phi, recompute_logits, reference_generate,
-                                     resolve_policy, select_top)
-except ModuleNotFoundError:  # plain `pytest` with rootdir-less tests/ (pytest puts tests/ itself on sys.path)
-    from st3_reference import (budgets, event_layers, phi, recompute_logits, reference_generate,
-                               resolve_policy, select_top)
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.st3_reference import (budgets, event_layers, phi, recompute_logits, reference_generate,
+                                         resolve_policy, select_top)
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 MAX_TOKENS = 8
 

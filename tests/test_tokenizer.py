@@ -1,4 +1,4 @@
-"""models/tokenizer.py against transformers on tiny tokenizers written by tools/tiny_tokenizer.py."""
+"""models/tokenizer.py against transformers on tiny tokenizers written by tools/fixtures/tiny_tokenizer.py."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from models.tokenizer import REPLACEMENT_CHAR, Tokenizer
-from tools.tiny_tokenizer import write_tokenizer
+from tools.fixtures.tiny_tokenizer import write_tokenizer
 
 VOCAB = 1000
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"

@@ -1,4 +1,4 @@
-"""tools/train_demo.py's shared-prefix packing trains exactly the single-turn samples the engine serves."""
+"""tools/demo/train.py's shared-prefix packing trains exactly the single-turn samples the engine serves."""
 from __future__ import annotations
 
 import random
@@ -11,9 +11,9 @@ from engine.default_model import DEMO_MODEL_DIR
 from models.image import load_preprocessor_config, preprocess
 from models.loader import load_model
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import DESCRIBE, Example
-from tools.train_conversations import Conversations, collate
-from tools.train_demo import logits_from_features
+from tools.demo.easy_vqa_data import DESCRIBE, Example
+from tools.demo.conversations import Conversations, collate
+from tools.demo.train import logits_from_features
 
 
 def _example(image: str) -> Example:
@@ -65,7 +65,7 @@ def test_each_packed_question_equals_its_own_first_turn():
 
 def test_yes_no_questions_are_balanced_and_answered_from_the_labels():
     import numpy as np
-    from tools.easy_vqa_data import COLORS, SHAPES, YES_NO_TEMPLATES, with_yes_no_questions
+    from tools.demo.easy_vqa_data import COLORS, SHAPES, YES_NO_TEMPLATES, with_yes_no_questions
     ex = _example("easy-vqa-test-0.png")
     (aug,) = with_yes_no_questions([ex], per_image=400, rng=np.random.default_rng(1))
     assert aug.qa[:len(ex.qa)] == ex.qa
@@ -83,7 +83,7 @@ def test_yes_no_questions_are_balanced_and_answered_from_the_labels():
 
 def test_yes_no_only_samples_have_no_own_questions_and_no_caption():
     import numpy as np
-    from tools.easy_vqa_data import with_yes_no_questions
+    from tools.demo.easy_vqa_data import with_yes_no_questions
     conv = Conversations(Tokenizer.from_dir(DEMO_MODEL_DIR), _image_token(), 256)
     (only,) = with_yes_no_questions([_example("easy-vqa-test-0.png")], 5, np.random.default_rng(0), keep_own=False)
     assert len(only.qa) == 5 and all(a in ("yes", "no") for _, a in only.qa)
@@ -128,7 +128,7 @@ def test_multi_turn_packed_forward_is_plain_causal():
 @pytest.mark.parametrize("whiten", [None, 0.1, 0.0])
 def test_folded_preconditioner_reads_raw_features_exactly(whiten):
     from models.llava import LlavaMultiModalProjector
-    from tools.feature_preconditioner import fold_preconditioner, preconditioner
+    from tools.demo.preconditioner import fold_preconditioner, preconditioner
     torch.manual_seed(0)
     proj = LlavaMultiModalProjector(load_model(DEMO_MODEL_DIR).config).double()
     n = proj.linear_1.in_features
@@ -146,7 +146,7 @@ def test_folded_preconditioner_reads_raw_features_exactly(whiten):
 
 
 def test_question_kind_splits_yes_no_by_what_is_named():
-    from tools.easy_vqa_data import question_kind
+    from tools.demo.easy_vqa_data import question_kind
     assert question_kind("what color is the shape?", "teal") == "colour"
     assert question_kind("what is the blue shape?", "circle") == "shape"
     assert question_kind("is there a red shape?", "yes") == "yes/no present"
@@ -158,7 +158,7 @@ def test_question_kind_splits_yes_no_by_what_is_named():
 @pytest.mark.parametrize("argv", [["--standardise", "--whiten", "0.1"], ["--whiten", "-1"],
                                   ["--raw-features", "--whiten", "0.1"], ["--raw-features", "--standardise"]])
 def test_bad_preconditioner_options_exit_2_before_any_work(argv, tmp_path, capsys):
-    from tools.train_demo import main
+    from tools.demo.train import main
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "m"), *argv])
     err = capsys.readouterr().err

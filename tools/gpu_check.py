@@ -3,11 +3,11 @@
   PYTHONPATH=. python tools/gpu_check.py [--out DIR] [--layers 8]
 
 1. Parity on CUDA: our model vs transformers (fp32 within 1e-4; bf16 within a stated tolerance).
-2. The engine vs the naive ST3 reference (tests/st3_reference.py, run on the CPU) for every policy.
+2. The engine vs the naive ST3 reference (tools/fixtures/st3_reference.py, run on the CPU) for every policy.
 3. CUDA-graph replay equals eager decode token for token, every policy, with batches that shrink/grow.
 4. The Triton paged decode kernel vs the gather + SDPA path, and which one the engine picked.
 5. Decode ms/token at LLaVA-1.5-7B width (fewer layers): eager, graphs, transformers, HBM floor
-   (tools/gpu_bench.py).
+   (tools/bench/gpu.py).
 Prints a summary and writes gpu_check.json (to --out, default $OUT or the cwd). Exit 1 if a check fails.
 """
 from __future__ import annotations
@@ -24,12 +24,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.attention import decode_attention, entry_slots, gather_kv  # noqa: E402
-from tools.gpu_bench import decode_speed  # noqa: E402
-from tools.make_tiny_model import make_tiny_model  # noqa: E402
+from tools.bench.gpu import decode_speed  # noqa: E402
+from tools.fixtures.make_tiny_model import make_tiny_model  # noqa: E402
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 4}),
             ("st3", {"anneal_steps": 6, "anneal_floor": 0.2, "anneal_curve": "cosine"})]
@@ -97,7 +95,7 @@ def parity(model_dir: Path) -> dict:
 
 @check("engine on CUDA equals the naive ST3 reference (CPU), every policy")
 def reference(model_dir: Path) -> dict:
-    from st3_reference import reference_generate
+    from tools.fixtures.st3_reference import reference_generate
     cpu = LLM(model_dir, num_kv_blocks=50)
     out = {}
     for kind, params in POLICIES:

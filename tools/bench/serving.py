@@ -27,9 +27,9 @@ import random
 import sys
 from pathlib import Path
 
-from tools.bench_report import format_table, plot, summarize
-from tools.bench_runner import hf_available, run_engine, run_hf
-from tools.bench_workload import (BENCH_PRESETS, BenchRequest, build_question, build_workload, parse_len_range,
+from tools.bench.report import format_table, plot, summarize
+from tools.bench.runner import hf_available, run_engine, run_hf
+from tools.bench.workload import (BENCH_PRESETS, BenchRequest, build_question, build_workload, parse_len_range,
                                   preset_model_dir, synthetic_image)
 
 ENGINE_POLICIES = ("full", "fastv", "pvtp", "st3")
@@ -136,7 +136,7 @@ def load_average() -> float | None:
 def engine_version() -> str | None:
     """`git describe`-style id of the engine source being measured (None outside a git checkout)."""
     import subprocess
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)

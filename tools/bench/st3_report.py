@@ -1,6 +1,6 @@
 """KV blocks and time of one request under each policy: what ST3 saves, measured in one run.
 
-  python -m tools.st3_report [--model DIR | --preset cpu-32l] [--answer 96] [--policies full,fastv,pvtp,st3]
+  python -m tools.bench.st3_report [--model DIR | --preset cpu-32l] [--answer 96] [--policies full,fastv,pvtp,st3]
 
 For a single image request (~60 text tokens) it reports, per policy: KV blocks held at the end of
 prefill and after the answer, their ratio to full, visual tokens kept per layer, prefill time and
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
-from tools.bench_workload import preset_model_dir
+from tools.bench.workload import preset_model_dir
 
 QUESTION = ("Look carefully at this picture and describe every object you can see, its colour, its shape, and "
             "its size, and where exactly it is placed in the picture.")

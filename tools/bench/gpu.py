@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 
 def hbm_read_bw() -> float:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.clip import CLIPVisionModel
-from tools.easy_vqa_data import COLORS, SHAPES, Example
-from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
+from tools.demo.easy_vqa_data import COLORS, SHAPES, Example
+from tools.demo.lr_schedule import TimeBoxedCosine, train_time_boxed
 
 SIZES_WORDS, ROWS, COLS = ("small", "medium", "large"), ("top", "middle", "bottom"), ("left", "center", "right")
 HEADS = (("shape", SHAPES), ("colour", COLORS), ("size", SIZES_WORDS), ("row", ROWS), ("column", COLS))

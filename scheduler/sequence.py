@@ -4,10 +4,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import SamplingParams
+if TYPE_CHECKING:  # a type only: the scheduler never imports the engine
+    from engine.sampling import SamplingParams
 
 
 class Status(Enum):
@@ -16,7 +18,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: schedulers look sequences up in lists
 class Sequence:
     request_id: str
     prompt_ids: list[int]               # `<image>` already expanded to one id per visual token

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tools.bench_workload import BenchRequest
+from tools.bench.workload import BenchRequest
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Train the shipped demo model: a small LLaVA, from scratch, on easy-VQA plus a caption task, on CPU.
 
     pip install -e '.[demo]'
-    python -m tools.train_demo --out engine/demo_model --tower-minutes 15 --minutes 49
+    python -m tools.demo.train --out engine/demo_model --tower-minutes 15 --minutes 49
 
 The model is built from the same `models/` classes the engine serves (autograd through the
 decoder's dense forward), and saved in the llava-hf layout with its tokenizer and preprocessor config.
 
 Two stages, as LLaVA itself is built on a pretrained, frozen CLIP tower:
-  1. tools/train_tower.py: the vision tower learns the image labels (shape, colour, size, position)
+  1. tools/demo/tower.py: the vision tower learns the image labels (shape, colour, size, position)
      through small classifier heads that are then dropped; the tower is frozen.
   2. Projector + decoder learn the conversations on the frozen tower's features (computed once).
 
@@ -21,7 +21,7 @@ Sizes, and why:
     (events at layers 2, 4, 6) and ST3's annealing act on several layers. About 2M parameters,
     ~8 MB in fp32, so the checkpoint can live in the repository.
 
-Each image is one packed sequence (tools/train_conversations.py): its prompt and 256 visual tokens
+Each image is one packed sequence (tools/demo/conversations.py): its prompt and 256 visual tokens
 once, then its questions (and "describe the image."), so the visual tokens are computed once per
 image rather than once per question.
 
@@ -59,14 +59,14 @@ from safetensors import safe_open
 from models.image import load_preprocessor_config, preprocess
 from models.llava import LlavaForConditionalGeneration
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import (Example, corpus, load_split, question_kind, with_yes_no_questions,
+from tools.demo.easy_vqa_data import (Example, corpus, load_split, question_kind, with_yes_no_questions,
                                  write_examples)
-from tools.lr_schedule import TimeBoxedCosine, train_time_boxed
-from tools.feature_preconditioner import fold_preconditioner, preconditioner
-from tools.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
-from tools.tiny_tokenizer import write_tokenizer
-from tools.train_conversations import Batch, Conversations, batches, collate, prefix_attention
-from tools.train_tower import init_sincos_positions, pretrain_tower, tower_labels
+from tools.demo.lr_schedule import TimeBoxedCosine, train_time_boxed
+from tools.demo.preconditioner import fold_preconditioner, preconditioner
+from tools.fixtures.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
+from tools.fixtures.tiny_tokenizer import write_tokenizer
+from tools.demo.conversations import Batch, Conversations, batches, collate, prefix_attention
+from tools.demo.tower import init_sincos_positions, pretrain_tower, tower_labels
 
 SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=4, kv_heads=4,
              vision_hidden=96, vision_intermediate=192, vision_layers=3, vision_heads=4,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from tools.bench_runner import RunRecord
+from tools.bench.runner import RunRecord
 
 
 def percentile(values, q: float) -> float | None:

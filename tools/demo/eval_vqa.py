@@ -1,7 +1,7 @@
 """Accuracy under pruning: the easy-VQA test split through every policy, with time and KV beside it.
 
     pip install -e '.[demo]'
-    python -m tools.eval_vqa [--model engine/demo_model] [--limit 2000] [--policies full,st3,...]
+    python -m tools.demo.eval_vqa [--model engine/demo_model] [--limit 2000] [--policies full,st3,...]
 
 For each policy setting: exact-match accuracy on easy-VQA's test questions, exact match of the
 "describe the image." captions against the labels, agreement of the captions with the full model's,
@@ -22,7 +22,7 @@ import torch
 from engine import LLM, SamplingParams
 from models.config import load_config
 from scheduler.policy import make_policy
-from tools.easy_vqa_data import DESCRIBE, load_split, question_kind
+from tools.demo.easy_vqa_data import DESCRIBE, load_split, question_kind
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
                     "st3:ratio=0.5,anneal_floor=0.25,anneal_steps=8",
@@ -86,7 +86,7 @@ def evaluate(model: Path, setting: str, questions: list, captions: list, max_num
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "engine" / "demo_model"))
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "engine" / "demo_model"))
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="train: is a weakness the model's fit or its generalisation?")
     ap.add_argument("--limit", type=int, default=0, help="first N questions of the split (0 = all; test has 9673)")

@@ -45,7 +45,7 @@ def preset_model_dir(name: str, root: Path | None = None, log=print) -> Path:
                 return out
         except (OSError, json.JSONDecodeError):
             pass
-    from tools.make_tiny_model import make_tiny_model
+    from tools.fixtures.make_tiny_model import make_tiny_model
     log(f"writing random-weight preset {name!r} to {out} (once; reused afterwards)")
     tmp = root / f".tmp-bench-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Decode speed against the weight-bandwidth limit and transformers, measured in one run.
 
-  python -m tools.decode_bench [--layers 16 --hidden 1024 ...] [--batch 1,16] [--policies full,st3] [--hf]
+  python -m tools.bench.decode [--layers 16 --hidden 1024 ...] [--batch 1,16] [--policies full,st3] [--hf]
 
 Builds (once, cached) a random-weight LLaVA with 576 visual tokens per image, then reports ms per
 decode step for the engine under each policy and batch size, transformers' generate at batch 1,
@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams
 from engine.config import DTYPES
-from tools.make_tiny_model import make_tiny_model
+from tools.fixtures.make_tiny_model import make_tiny_model
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:

@@ -1,4 +1,4 @@
-"""Training sequences for tools/train_demo.py: an easy-VQA image with its questions, as token ids.
+"""Training sequences for tools/demo/train.py: an easy-VQA image with its questions, as token ids.
 
 Every image is laid out as one shared prefix (BOS, "USER: ", its 256 visual tokens) followed by
 turns, so the visual tokens are computed once per image however many questions it has:
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.llama import Attend
 from models.tokenizer import Tokenizer
-from tools.easy_vqa_data import DESCRIBE, Example
+from tools.demo.easy_vqa_data import DESCRIBE, Example
 
 
 @dataclass
