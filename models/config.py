@@ -76,6 +76,7 @@ class LlavaConfig:
     image_aspect_ratio: str = "crop"   # "pad" = original LLaVA-1.5 pad-to-square preprocessing
     layout: str = "llava-hf"          # "llava-hf" or "original"
     vision_tower_path: str | None = None  # original LLaVA: where the CLIP checkpoint lives
+    checkpoint_dtype: str | None = None   # config.json's dtype / torch_dtype: what the weights were saved in
 
     @property
     def image_seq_length(self) -> int:
@@ -135,6 +136,15 @@ def _vision_config(d: dict | None) -> VisionConfig:
     return VisionConfig(**kw)
 
 
+def _checkpoint_dtype(d: dict) -> str | None:
+    """The saved weights' dtype: `dtype` (transformers 5) or `torch_dtype`, top level or text_config."""
+    for src in (d, d.get("text_config") or {}):
+        for k in ("dtype", "torch_dtype"):
+            if isinstance(src.get(k), str):
+                return src[k].removeprefix("torch.")
+    return None
+
+
 def _read_json(path: Path) -> dict:
     return read_json_object(path, ConfigError)
 
@@ -154,6 +164,11 @@ def _original_config(d: dict, model_dir: Path) -> LlavaConfig:
     if not tower:
         raise ConfigError("config.json: original LLaVA config has no mm_vision_tower")
     tower_dir = Path(tower) if Path(tower).is_absolute() else model_dir / tower
+    if not tower_dir.is_dir():
+        from .hub_cache import find_snapshot, is_repo_id  # here: hub_cache imports this module
+        # The released configs name the hub id (openai/clip-vit-large-patch14-336): use its cached snapshot.
+        snap = find_snapshot(tower)[0] if is_repo_id(tower) else None
+        tower_dir = snap or tower_dir
     vision_json = tower_dir / "config.json"
     vd = _read_json(vision_json) if vision_json.exists() else None
     if vd is not None and "vision_config" in vd:  # a full CLIPModel config
@@ -171,7 +186,7 @@ def _original_config(d: dict, model_dir: Path) -> LlavaConfig:
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         pad_token_id=d.get("pad_token_id"),
         image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
-        layout="original", vision_tower_path=str(tower_dir))
+        layout="original", vision_tower_path=str(tower_dir), checkpoint_dtype=_checkpoint_dtype(d))
 
 
 def load_config(model_dir: str | Path) -> LlavaConfig:
@@ -195,7 +210,7 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
             projector_bias=d.get("multimodal_projector_bias", True),
             vision_feature_layer=d.get("vision_feature_layer", -2),
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-            tie_word_embeddings=tie, pad_token_id=d.get("pad_token_id"))
+            tie_word_embeddings=tie, pad_token_id=d.get("pad_token_id"), checkpoint_dtype=_checkpoint_dtype(d))
     _validate(cfg)
     return cfg
 
