@@ -5,8 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ArgumentError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# dtype="auto" on CPU: half-precision weights run in fp32 there, because this engine's CPU decode
+# measured slower in bf16 and fp16 than in fp32 (docs/checkpoints.md has the numbers and the command).
+CPU_AUTO_DTYPE = {"float16": "float32", "bfloat16": "float32"}
 
 # On CPU there is no free-memory probe worth trusting, so the KV pool gets a fixed budget
 # (capped by what max_num_seqs full-length sequences could ever use).
@@ -14,10 +21,45 @@ CPU_KV_CACHE_BYTES = 2 << 30
 GPU_MEMORY_UTILIZATION = 0.9
 
 
+def _dtype_name(dtype) -> str:
+    """'float32' / 'float16' / 'bfloat16' / 'auto' from a name or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise ArgumentError(f"dtype {dtype} is not supported (use torch.float32, torch.float16 or torch.bfloat16)")
+        return DTYPE_NAMES[dtype]
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
+    if name == "auto":
+        return name
+    if name not in DTYPES:
+        raise ArgumentError(f"dtype must be 'auto', a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPE_NAMES[DTYPES[name]]
+
+
+def check_device(device) -> str:
+    """The device as a string, or a one-line ArgumentError when it is unknown or its backend is missing."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"unknown device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'mps')") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ArgumentError(f"device {device!r} is not supported (use 'cpu', 'cuda', 'cuda:N' or 'mps')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"device {str(device)!r} asked for, but CUDA is not available "
+                                "(no GPU, or a CPU-only PyTorch build)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} "
+                                "CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError(f"device {str(device)!r} asked for, but the MPS backend is not available "
+                            "(it needs Apple silicon and a PyTorch build with MPS)")
+    return str(dev)
+
+
 @dataclass
 class EngineConfig:
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype = "float32"  # or "auto": the checkpoint's, see resolve_dtype
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
@@ -26,25 +68,28 @@ class EngineConfig:
     enforce_eager: bool = False
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {self.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
+        self.dtype = _dtype_name(self.dtype)
+        self.device = check_device(self.device)
         for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+                raise ArgumentError(f"{name} must be an integer >= {low}, got {v!r}")
         for name in ("num_kv_blocks", "max_model_len"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+                raise ArgumentError(f"{name} must be a positive integer or None, got {v!r}")
+
+    def resolve_dtype(self, checkpoint_dtype: str | None) -> None:
+        """Turn dtype="auto" into the checkpoint's dtype (float32 when unknown), kept in fp32 on CPU."""
+        if self.dtype != "auto":
+            return
+        name = DTYPE_NAMES.get(DTYPES.get(checkpoint_dtype or ""), "float32")
+        self.dtype = CPU_AUTO_DTYPE.get(name, name) if self.torch_device.type == "cpu" else name
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ArgumentError("dtype='auto' is resolved from the checkpoint's config; call resolve_dtype first")
         return DTYPES[self.dtype]
 
     @property

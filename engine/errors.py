@@ -7,3 +7,7 @@ class EngineError(Exception):
 
 class RequestError(EngineError, ValueError):
     """A request the engine cannot serve: bad prompt, image, parameters or size."""
+
+
+class ArgumentError(EngineError, ValueError):
+    """An LLM(...) argument the engine cannot use: an unknown dtype, a device whose backend is missing, bad sizes."""

@@ -1,6 +1,6 @@
 """Answer one question about one image from the command line, streaming the answer.
 
-  python -m engine.generate --model DIR --image PATH --prompt "What is in the picture?" [--policy st3 ...]
+  python -m engine.generate --model DIR|ORG/NAME --image PATH --prompt "What is in the picture?" [--policy st3 ...]
 
 The answer goes to stdout as it is generated and one stats line goes to stderr; `--json` prints a
 single JSON object instead. Every error is one `error: ...` line on stderr and exit code 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from engine import LLM, SamplingParams
@@ -36,7 +37,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     ap = Parser(prog="python -m engine.generate", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the built-in easy-VQA demo model)")
+    ap.add_argument("--model", help="model directory, or a Hugging Face id already in the local cache "
+                    "(default: the built-in easy-VQA demo model)")
+    ap.add_argument("--revision", help="with a Hugging Face id: the cached revision (branch, tag or commit)")
     ap.add_argument("--image", help="image file; the prompt gets one <image>")
     ap.add_argument("--prompt", required=True, help="the question (or the whole prompt with --raw-prompt)")
     ap.add_argument("--raw-prompt", action="store_true", help="use --prompt as is, without the LLaVA chat template")
@@ -57,8 +60,10 @@ def build_parser() -> Parser:
         p.add_argument(flag, type=kind)
     p.add_argument("--anneal-curve", choices=["linear", "cosine", "step"])
     e = ap.add_argument_group("engine")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    e.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
+    e.add_argument("-v", "--verbose", action="store_true",
+                   help="log engine events (KV pool, attention backend, graph capture, preemptions) to stderr")
     e.add_argument("--num-kv-blocks", type=int)
     return ap
 
@@ -90,12 +95,17 @@ def run(args) -> int:
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop)
     pparams = policy_params(args)
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("st3: %(message)s"))
+        logging.getLogger("st3").addHandler(handler)
+        logging.getLogger("st3").setLevel(logging.INFO)
     if args.model is None:
         print("note: no --model given: using the built-in easy-VQA demo model (64x64 images of one coloured "
               "circle, rectangle or triangle; ask e.g. 'what color is the shape?' or 'describe the image.')",
               file=sys.stderr)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=args.policy, policy_params=pparams,
-              num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision, policy=args.policy,
+              policy_params=pparams, num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
     num_images = 0 if args.image is None else 1
     prompt = args.prompt if args.raw_prompt else llm.tokenizer.chat_prompt(args.prompt, num_images)
     request = {"prompt": prompt, "image": args.image}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from cache.block_pool import BlockPool
 from cache.layered import LayeredKVCache
 from models.config import load_config
 from models.image import load_preprocessor_config
+from models.hub_cache import resolve_model_path
 from models.loader import load_model
 from models.tokenizer import Tokenizer
 from scheduler.policy import Full, make_policy
@@ -27,10 +29,14 @@ from .sampling import SamplingBatch, SamplingParams, sample
 from scheduler.sequence import Sequence, Status
 
 
+logger = logging.getLogger("st3")
+
+
 class LLM:
     """A LLaVA model served with continuous batching over a layer-aware paged KV cache."""
 
-    def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, model: str | Path | None = None, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32", revision: str | None = None,
                  policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, enforce_eager: bool = False):
@@ -40,8 +46,9 @@ class LLM:
         if model is None:
             from .default_model import default_model_dir
             model = default_model_dir()
-        self.model_dir = Path(model)
+        self.model_dir = resolve_model_path(model, revision)  # a directory, or a hub id in the local HF cache
         self.model_config = load_config(self.model_dir)
+        self.config.resolve_dtype(self.model_config.checkpoint_dtype)
         text = self.model_config.text
         self.policy = make_policy(policy, **(policy_params or {}))
         self.policy.validate(text.num_hidden_layers)
@@ -56,6 +63,8 @@ class LLM:
         self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
         pool = BlockPool(self._num_blocks(), block_size, text.num_key_value_heads, text.head_dim,
                          self.config.torch_dtype, dev)
+        logger.info("KV pool: %d blocks of %d tokens, %.1f MiB, %s on %s", pool.num_blocks, block_size,
+                    (pool.k.nbytes + pool.v.nbytes) / 2**20, self.config.dtype, dev)
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
                                    max(max_num_batched_tokens, self.max_model_len))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import torch
 
@@ -13,6 +15,8 @@ from .attention import decode_attention, decode_probs, entry_slots, gather_kv, p
 from .triton_attention import paged_decode_attention, pick_backend
 from .decode_buffers import DecodeBuffers, DecodeGraphs, graph_buckets, width_buckets
 from scheduler.sequence import Sequence
+
+logger = logging.getLogger("st3")
 
 
 def visual_index(prompt_ids: list[int], image_token: int) -> torch.Tensor:
@@ -107,6 +111,7 @@ class ModelRunner:
         self.score_width = max_model_len + 1  # by visual index, plus one sink column for text entries
         self.buffers = DecodeBuffers(max_num_seqs, L, self.cache.max_blocks, self.pool.trash_slot, dev)
         self.use_triton = dev.type == "cuda" and self._triton_wins()
+        logger.info("decode attention backend: %s", "Triton paged kernel" if self.use_triton else "gather + SDPA")
         self.buckets = graph_buckets(max_num_seqs)
         self.widths = width_buckets(self.cache.max_blocks)
         self.graphs, self.pad_batches = None, False
@@ -116,8 +121,11 @@ class ModelRunner:
             variants = (False, True) if self.decode_score_layers else (False,)
             steps = {v: functools.partial(self.decode_forward, score_layers=self.decode_score_layers if v else [],
                                           score_width=self.score_width) for v in variants}
+            t0 = time.perf_counter()
             with torch.inference_mode():  # the same mode decode() replays in
                 self.graphs = DecodeGraphs(steps, self.buffers, max_num_seqs, self.widths)
+            logger.info("captured decode CUDA graphs (batch buckets %s) in %.1f s", self.buckets,
+                        time.perf_counter() - t0)
 
     def _triton_wins(self) -> bool:
         """Check the Triton paged kernel against gather + SDPA on a synthetic paged batch; use it if faster."""

@@ -6,7 +6,8 @@ Our modules carry the llava-hf 4.x hub names:
   multi_modal_projector.linear_{1,2}.*
 Every spelling transformers or LLaVA has written differs from these only in wrapper segments:
   4.x hub files               the names above
-  4.52-4.57 save_pretrained   model.language_model.* / model.vision_tower.vision_model.* / model.multi_modal_projector.* / lm_head.*
+  4.52-4.57 save_pretrained   model.language_model.* / model.vision_tower.vision_model.* /
+                              model.multi_modal_projector.* / lm_head.*
   5.x save_pretrained         language_model.model.* / vision_tower.{embeddings,encoder,...}.* (no vision_model level)
   5.x state_dict()            model.language_model.{layers,...}.* / model.vision_tower.embeddings.* / lm_head.*
   original LLaVA              model.{layers,embed_tokens,norm}.* / model.mm_projector.{0,2}.* / lm_head.*

@@ -7,6 +7,7 @@ decode, the newest running request is preempted: its blocks are freed and it is 
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
@@ -15,6 +16,8 @@ from cache.layered import LayeredKVCache
 from scheduler.sequence import Sequence, Status
 
 from .policy import Full
+
+logger = logging.getLogger("st3")
 
 
 class Scheduler:
@@ -78,6 +81,8 @@ class Scheduler:
         seq.seat, seq.status, seq.scores = None, Status.WAITING, None
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        logger.info("preempted request %s: KV pool full, recomputed later (preemption %d of it)", seq.request_id,
+                    seq.num_preemptions)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished and return its blocks at once."""

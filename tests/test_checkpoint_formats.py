@@ -137,13 +137,14 @@ def _original(tmp_path, model, fmt: str, clip_spelling: str):
     """The original LLaVA release: Llama + mm_projector keys, CLIP (a CLIPModel checkpoint) beside it."""
     sd = model.state_dict()
     main = _rename({k: t for k, t in sd.items() if not k.startswith("model.vision_tower.")},
-                   [("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                   [("model.language_model.", "model."),
+                    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
                     ("model.multi_modal_projector.linear_2.", "model.mm_projector.2.")])
     clip = {k[len("model.vision_tower."):]: t for k, t in sd.items() if k.startswith("model.vision_tower.")}
     if clip_spelling == "clip-4.x":
         clip = {"vision_model." + k: t for k, t in clip.items()}
-        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 8), "logit_scale": torch.tensor(2.6),
-                     "visual_projection.weight": torch.zeros(8, 32)})
+        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 8),
+                     "logit_scale": torch.tensor(2.6), "visual_projection.weight": torch.zeros(8, 32)})
     d = _write(tmp_path / "llava", model, main, fmt, shards=2 if fmt == "bin" else 1)
     t = model.config.text_config
     (d / "config.json").write_text(json.dumps({
