@@ -56,6 +56,12 @@ def check_device(device) -> str:
     return str(dev)
 
 
+def auto_dtype(checkpoint_dtype: str | None, device_type: str) -> str:
+    """dtype="auto": the checkpoint's saved dtype (float32 when absent or unusual), but fp32 on CPU for half types."""
+    name = DTYPE_NAMES.get(DTYPES.get((checkpoint_dtype or "").removeprefix("torch.")), "float32")
+    return CPU_AUTO_DTYPE.get(name, name) if device_type == "cpu" else name
+
+
 @dataclass
 class EngineConfig:
     device: str | torch.device = "cpu"
@@ -80,11 +86,9 @@ class EngineConfig:
                 raise ArgumentError(f"{name} must be a positive integer or None, got {v!r}")
 
     def resolve_dtype(self, checkpoint_dtype: str | None) -> None:
-        """Turn dtype="auto" into the checkpoint's dtype (float32 when unknown), kept in fp32 on CPU."""
-        if self.dtype != "auto":
-            return
-        name = DTYPE_NAMES.get(DTYPES.get(checkpoint_dtype or ""), "float32")
-        self.dtype = CPU_AUTO_DTYPE.get(name, name) if self.torch_device.type == "cpu" else name
+        """Turn dtype="auto" into what auto_dtype picks for the checkpoint's dtype on this device."""
+        if self.dtype == "auto":
+            self.dtype = auto_dtype(checkpoint_dtype, self.torch_device.type)
 
     @property
     def torch_dtype(self) -> torch.dtype:
