@@ -11,8 +11,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-# dtype="auto" on CPU: half-precision weights run in fp32 there, because this engine's CPU decode
-# measured slower in bf16 and fp16 than in fp32 (docs/checkpoints.md has the numbers and the command).
+# dtype="auto" on CPU: half-precision checkpoints run in fp32. Measured with tools/bench/cpu_dtype.py on the
+# dev CPU (AVX-512, no native bf16): decode steps equal within ~5%, but a 576-token image prefill 3.3x
+# slower in bf16 and 6.6x in fp16 (docs/checkpoints.md). Pass dtype="bfloat16" to halve memory instead.
 CPU_AUTO_DTYPE = {"float16": "float32", "bfloat16": "float32"}
 
 # On CPU there is no free-memory probe worth trusting, so the KV pool gets a fixed budget
