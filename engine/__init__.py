@@ -1,8 +1,9 @@
 """A compact LLaVA inference engine with ST3 visual-token trimming."""
 from scheduler.policy import FastV, Full, PVTP, ST3
 
-from .errors import EngineError, RequestError
+from .async_llm import AsyncLLM
+from .errors import ConcurrentUseError, EngineError, QueueFullError, RequestError
 from .llm import LLM, RequestOutput
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineError", "RequestError", "Full", "FastV", "PVTP", "ST3"]
+__all__ = ["LLM", "AsyncLLM", "ConcurrentUseError", "QueueFullError", "SamplingParams", "RequestOutput", "EngineError", "RequestError", "Full", "FastV", "PVTP", "ST3"]

@@ -7,3 +7,11 @@ class EngineError(Exception):
 
 class RequestError(EngineError, ValueError):
     """A request the engine cannot serve: bad prompt, image, parameters or size."""
+
+
+class ConcurrentUseError(EngineError, RuntimeError):
+    """A second thread called into an LLM while another thread was inside it."""
+
+
+class QueueFullError(EngineError):
+    """The engine's waiting queue is full; try again later (HTTP 503 in the server)."""

@@ -1,8 +1,11 @@
 """LLM: the public engine. add_request / step / generate / stream / abort / kv_stats."""
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,12 +22,30 @@ from scheduler.policy import Full, make_policy
 from scheduler.scheduler import Scheduler
 
 from .config import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, EngineConfig
-from .errors import EngineError, RequestError
+from .errors import ConcurrentUseError, EngineError, RequestError
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, TextState, request_stats
 from .processor import InputProcessor
 from .sampling import SamplingBatch, SamplingParams, sample
 from scheduler.sequence import Sequence, Status
+
+log = logging.getLogger("st3")
+
+
+def _exclusive(method):
+    """Refuse a call while another thread is inside the LLM (the same thread may re-enter)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"LLM.{method.__name__}() called from a second thread while another thread is inside the LLM; "
+                "LLM is single-threaded: use engine.AsyncLLM to serve requests from several threads or event "
+                "loops")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+    return guarded
 
 
 class LLM:
@@ -66,8 +87,10 @@ class LLM:
         self._seqs: dict[str, Sequence] = {}
         self._texts: dict[str, TextState] = {}
         self._owned: set[str] = set()  # ids that generate()/stream() collect themselves
+        self._errors: dict[str, str] = {}  # owned ids whose step failed -> message
         self._ids = itertools.count()
         self._rng = random.Random(0)
+        self._lock = threading.RLock()
 
     def _num_blocks(self) -> int:
         c, t = self.config, self.model_config.text
@@ -89,12 +112,16 @@ class LLM:
         return max(1, min(cap, budget // per_block))
 
     # ---- requests ---------------------------------------------------------------------------
+    @_exclusive
     def add_request(self, request: dict | str, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue one request; returns its id. Bad requests raise RequestError."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model_config.text.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise RequestError(f"SamplingParams.logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self._seqs:
             raise RequestError(f"request id {rid!r} is already in use")
@@ -120,6 +147,7 @@ class LLM:
         self.scheduler.add(seq)
         return rid
 
+    @_exclusive
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
         seq = self._seqs.get(str(request_id))
@@ -133,14 +161,18 @@ class LLM:
         return self.scheduler.has_work
 
     # ---- the loop ---------------------------------------------------------------------------
+    @_exclusive
     def step(self) -> list[RequestOutput]:
         """Evict (VTA), schedule, run one forward, sample, postprocess. Returns updated requests."""
         self.scheduler.evict_visual()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        logits, scores = (self.runner.prefill if is_prefill else self.runner.decode)(seqs)
-        tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
+        try:
+            logits, scores = (self.runner.prefill if is_prefill else self.runner.decode)(seqs)
+            tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
+        except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
+            return self._fail(seqs, e)
         tokens_l = tokens.tolist()
         want_lp = [s for s in seqs if s.params.logprobs is not None and not s.replaying]
         top = None
@@ -177,6 +209,23 @@ class LLM:
                 self._forget(seq.request_id)  # add_request/step users got their last output
         return outputs
 
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> list[RequestOutput]:
+        """Finish a failed step's requests with finish_reason "error" and free their blocks."""
+        log.error("step failed for request(s) %s; finishing them with an error", [s.request_id for s in seqs],
+                  exc_info=exc)
+        message = f"internal error while running this request: {type(exc).__name__}: {exc}"
+        outputs = []
+        for seq in seqs:
+            self.scheduler.finish(seq, "error")
+            seq.finish_time = time.perf_counter()
+            outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq), 0))
+            outputs[-1].error = message
+            if seq.request_id in self._owned:
+                self._errors[seq.request_id] = message
+            else:
+                self._forget(seq.request_id)
+        return outputs
+
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         dev = self.config.torch_device
         col = lambda f, dt=torch.float32: torch.tensor([f(s.params) for s in seqs], dtype=dt, device=dev)  # noqa
@@ -187,12 +236,13 @@ class LLM:
                 ids = [t for t in s.prompt_ids + s.output_ids[:s.cursor] if 0 <= t < vocab]
                 seen[b, ids] = True
         return SamplingBatch(col(lambda p: p.temperature), col(lambda p: p.top_p),
-                             col(lambda p: p.top_k, torch.int64), col(lambda p: p.min_p),
+                             # A top_k at or past the vocabulary keeps everything: no limit (and no int64 overflow).
+                             col(lambda p: p.top_k if p.top_k < vocab else -1, torch.int64), col(lambda p: p.min_p),
                              col(lambda p: p.repetition_penalty),
                              torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
                              torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen,
                              all_greedy=all(s.params.temperature == 0 for s in seqs),
-                             needs_filter=any(s.params.top_p < 1 or s.params.top_k > 0 or s.params.min_p > 0
+                             needs_filter=any(s.params.top_p < 1 or 0 < s.params.top_k < vocab or s.params.min_p > 0
                                               for s in seqs))
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
@@ -217,6 +267,7 @@ class LLM:
                              request_stats(seq, blocks_now, self.policy.name), delta=delta)
 
     # ---- convenience ------------------------------------------------------------------------
+    @_exclusive
     def generate(self, requests: dict | list, params: SamplingParams | list | None = None) -> list[RequestOutput]:
         """Run requests to completion; outputs in submission order.
 
@@ -265,6 +316,7 @@ class LLM:
 
     def _pop(self, rid: str) -> RequestOutput:
         out = self._output(self._seqs[rid])
+        out.error = self._errors.pop(rid, None)
         self._forget(rid)
         return out
 

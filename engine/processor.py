@@ -21,6 +21,15 @@ class ProcessedRequest:
     num_visual: int
 
 
+def check_unicode(text: str, field: str) -> None:
+    """RequestError unless text is valid Unicode (a lone surrogate, e.g. from undecodable bytes, is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"request {field!r} is not valid Unicode: {text[e.start:e.end]!r} at position {e.start} "
+                           "(a lone surrogate, e.g. from bytes that are not UTF-8)") from None
+
+
 class InputProcessor:
     def __init__(self, cfg: LlavaConfig, tokenizer: Tokenizer, image_cfg: ImageProcessorConfig, max_model_len: int):
         self.cfg, self.tokenizer, self.image_cfg, self.max_model_len = cfg, tokenizer, image_cfg, max_model_len
@@ -52,6 +61,7 @@ class InputProcessor:
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("request 'prompt' must be a non-empty string")
+        check_unicode(prompt, "prompt")
         images = request.get("images")
         if images is None:
             images = [] if request.get("image") is None else [request["image"]]

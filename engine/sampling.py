@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_SEED = 2 ** 63  # seeds travel as int64 tensors
+
 
 @dataclass
 class SamplingParams:
@@ -46,14 +48,19 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"SamplingParams.stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"SamplingParams.stop must be non-empty strings, got {self.stop!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < MAX_SEED):
+            raise ValueError(f"SamplingParams.seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or self.logprobs < 0):
             raise ValueError(f"SamplingParams.logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
@@ -73,7 +80,9 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] uniforms in (0, 1) that depend only on (seed, step, token id)."""
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _hash32(seeds[:, None] * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1))
+    # The high word enters through its own hash, which is 0 for 0: seeds below 2**32 draw what they always did.
+    lo, hi = seeds[:, None] & _MASK32, seeds[:, None] >> 32
+    h = _hash32(lo * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1) + _hash32(hi * 0xC2B2AE3D))
     h = _hash32(h ^ _hash32(tok[None, :] + 0x27D4EB2F))
     return (h.double() + 0.5) / 2.0 ** 32
 
