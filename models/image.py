@@ -39,12 +39,13 @@ def check_image_size(width: int, height: int, name: str) -> None:
     """ImageError for an image too large or too elongated to preprocess safely."""
     if width == 0 or height == 0:
         raise ImageError(f"{name}: image has zero size {width}x{height}")
-    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
-        raise ImageError(f"{name}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels and "
-                         f"{MAX_IMAGE_SIDE:,} pixels a side")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ImageError(f"{name}: image is {width}x{height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
                          "crop or pad it first")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageError(f"{name}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE:,} pixels a side")
 
 
 @dataclass
