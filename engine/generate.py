@@ -50,17 +50,22 @@ def build_parser() -> Parser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_policy_flags(ap)
+    e = ap.add_argument_group("engine")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--num-kv-blocks", type=int)
+    return ap
+
+
+def add_policy_flags(ap: argparse.ArgumentParser) -> None:
+    """--policy and its parameters (read back with policy_params); shared with engine.serve."""
     p = ap.add_argument_group("visual-token policy")
     p.add_argument("--policy", default="full", help="full, fastv, pvtp or st3")
     for flag, kind in [("--fastv-layer", int), ("--fastv-ratio", float), ("--start-layer", int), ("--stride", int),
                        ("--ratio", float), ("--min-keep", int), ("--anneal-steps", int), ("--anneal-floor", float)]:
         p.add_argument(flag, type=kind)
     p.add_argument("--anneal-curve", choices=["linear", "cosine", "step"])
-    e = ap.add_argument_group("engine")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
-    e.add_argument("--num-kv-blocks", type=int)
-    return ap
 
 
 def policy_params(args) -> dict:
