@@ -167,6 +167,9 @@ def test_bad_policy_exits_2_via_subprocess(cache_dir):
     (["--preset", "tiny", "--image-dir", "/nonexistent/images"], "image-dir"),
     (["--preset", "tiny", "--fastv-layer", "99", "--policies", "fastv"], "layer"),
     (["--preset", "tiny", "--anneal-floor", "2", "--policies", "st3"], "anneal_floor"),
+    (["--backend", "openai"], "--backend openai needs --url"),
+    (["--url", "http://127.0.0.1:9"], "--url only applies with --backend openai"),
+    (["--preset", "tiny", "--backend", "openai", "--url", "http://127.0.0.1:9"], "no OpenAI-compatible server"),
 ])
 def test_bad_arguments_exit_2(cache_dir, capsys, argv, needle):
     assert bench.main(["--cache-dir", cache_dir] + argv) == 2
@@ -204,3 +207,33 @@ def test_len_range():
 def test_help_says_weights_are_random():
     text = bench.build_parser().format_help()
     assert "RANDOM weights" in text and "cpu-32l" in text and "llava-1.5-7b-4l" in text
+
+
+def test_openai_backend_against_engine_serve_matches_in_process(report, cache_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from engine import LLM, AsyncLLM
+    from engine.serve import build_app
+    from tools.bench.workload import preset_model_dir
+    from tools.fixtures.server_thread import ServerThread
+
+    engine = AsyncLLM(LLM(preset_model_dir("tiny", Path(cache_dir)), policy="st3"))
+    server = ServerThread(build_app(engine, "bench-tiny"))
+    path = tmp_path / "http.json"
+    try:
+        rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "4", "--output-len", "4:8",
+                                  "--backend", "openai", "--url", server.url, "--json", str(path), "--no-progress"])
+    finally:
+        server.stop()
+        engine.shutdown()
+    assert rc == 0
+    http = json.loads(path.read_text())["runs"]
+    local = next(r for r in report["runs"] if r["policy"] == "st3")
+    assert [r["policy"] for r in http] == ["http-st3"]
+    run = http[0]
+    for key in ("output_tokens", "visual_input_tokens", "text_input_tokens", "visual_tokens_per_layer"):
+        assert run[key] == local[key], key
+    assert [q["generated_tokens"] for q in run["requests"]] == [q["generated_tokens"] for q in local["requests"]]
+    assert all(q["ttft_s"] > 0 and q["e2e_s"] >= q["ttft_s"] for q in run["requests"])
+    assert run["itl_p50_s"] > 0 and run["tpot_p50_s"] > 0

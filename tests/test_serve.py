@@ -8,8 +8,6 @@ import base64
 import io
 import json
 import re
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -26,6 +24,7 @@ from engine.serve import build_app, main  # noqa: E402
 from engine.serve_media import MediaPolicy  # noqa: E402
 from engine.serve_protocol import render_chat  # noqa: E402
 from tools.fixtures.make_tiny_model import make_tiny_model  # noqa: E402
+from tools.fixtures.server_thread import ServerThread  # noqa: E402
 
 POLICY = dict(policy="st3", policy_params={"anneal_steps": 2})
 ENGINE = dict(num_kv_blocks=2048, max_model_len=1024)
@@ -36,27 +35,6 @@ def png_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-class ServerThread:
-    """uvicorn in a thread on an already-bound free port (no race for the port)."""
-
-    def __init__(self, app):
-        import uvicorn
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started, "uvicorn did not start"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ Presets write a model with RANDOM weights (real shapes, meaningless outputs) int
   cpu-32l          32 decoder layers (hidden 256), 576 visual tokens (336 px / 14 px patches, 2-layer
                    narrow vision tower); a run takes minutes on 2 CPU cores
   llava-1.5-7b-4l  LLaVA-1.5-7B widths with 4 decoder and 4 vision layers (fp16 on disk); for GPUs
+With --backend openai --url http://127.0.0.1:PORT the same workload goes to a running
+`python -m engine.serve` (started on the same --model/--preset) as streaming chat requests, timed
+from the client; the server's own --policy applies and --policies is ignored.
 Random weights exercise exactly the compute and memory a trained model would, but say nothing about
 answer quality. Every request is greedy with ignore_eos, so every policy generates the same number
 of tokens. Arrivals, prompts, images and output lengths are drawn once from --seed and replayed
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a random-weight bench model, written to the cache on first use (default: tiny)")
     ap.add_argument("--cache-dir", metavar="DIR", help="where presets live (default $ST3_CACHE_DIR or "
                                                        "~/.cache/st3-engine)")
+    b = ap.add_argument_group("backend")
+    b.add_argument("--backend", choices=["engine", "openai"], default="engine",
+                   help="engine: in-process (default); openai: a running server at --url (needs httpx)")
+    b.add_argument("--url", help="the server for --backend openai, e.g. http://127.0.0.1:8000")
     w = ap.add_argument_group("workload")
     w.add_argument("--num-requests", type=int, default=16)
     w.add_argument("--output-len", default="64", metavar="N|A:B",
@@ -104,6 +111,10 @@ def resolve(args, log) -> tuple[Path, list[str], tuple[int, int]]:
                          f"choose from {','.join(ALL_POLICIES)}")
     if len(set(policies)) != len(policies):
         raise ValueError(f"--policies lists a policy twice: {args.policies!r}")
+    if args.backend == "openai" and not args.url:
+        raise ValueError("--backend openai needs --url (e.g. http://127.0.0.1:8000)")
+    if args.url and args.backend != "openai":
+        raise ValueError("--url only applies with --backend openai")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.prompt_len < 1:
@@ -189,7 +200,7 @@ def _run(args, log) -> int:
         "policy_params": {p: policy_params(args, p) for p in policies if p != "hf"},
         "num_requests": args.num_requests, "output_len": list(out_len), "prompt_len": args.prompt_len,
         "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate, "seed": args.seed,
-        "image_dir": args.image_dir, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
+        "image_dir": args.image_dir, "backend": args.backend, "url": args.url, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
         "block_size": args.block_size, "dtype": args.dtype, "device": args.device,
         "decoder_layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
         "visual_tokens_per_image": cfg.image_seq_length,
@@ -205,6 +216,12 @@ def _run(args, log) -> int:
 
     from engine import LLM
     records, loads = [], {}
+    if args.backend == "openai":
+        from tools.bench.openai_runner import run_openai
+        load0 = load_average()
+        records.append(run_openai(args.url, workload, warmup, not args.no_progress))
+        loads[records[-1].policy] = (load0, load_average())
+        policies = []
     for name in policies:
         load0 = load_average()
         if name == "hf":
