@@ -6,4 +6,5 @@ from .errors import ConcurrentUseError, EngineError, QueueFullError, RequestErro
 from .llm import LLM, RequestOutput
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "ConcurrentUseError", "QueueFullError", "SamplingParams", "RequestOutput", "EngineError", "RequestError", "Full", "FastV", "PVTP", "ST3"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "EngineError", "RequestError", "ConcurrentUseError",
+           "QueueFullError", "Full", "FastV", "PVTP", "ST3"]

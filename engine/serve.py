@@ -141,7 +141,8 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
 
 
 def build_parser() -> Parser:
-    ap = Parser(prog="python -m engine.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m engine.serve", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the built-in easy-VQA demo model)")
     ap.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1")

@@ -57,7 +57,8 @@ class LogprobFormatter:
             offsets.append(pos)
             pos += len(s)
         return {"tokens": tokens, "token_logprobs": [e[t] for t, e in zip(token_ids, entries)],
-                "top_logprobs": [{self.token(i): v for i, v in self._pairs(t, e)[1]} for t, e in zip(token_ids, entries)],
+                "top_logprobs": [{self.token(i): v for i, v in self._pairs(t, e)[1]}
+                                 for t, e in zip(token_ids, entries)],
                 "text_offset": offsets}
 
 
@@ -71,7 +72,8 @@ def chat_response(rid: str, created: int, model: str, out: RequestOutput, lp: Lo
 
 def completion_response(rid: str, created: int, model: str, out: RequestOutput, lp: LogprobFormatter | None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": lp.legacy(out.token_ids, out.logprobs) if lp else None,
+            "choices": [{"index": 0, "text": out.text,
+                         "logprobs": lp.legacy(out.token_ids, out.logprobs) if lp else None,
                          "finish_reason": out.finish_reason}],
             "usage": usage(out), "st3": st3_stats(out)}
 

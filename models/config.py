@@ -104,7 +104,8 @@ def _check_fields(kw: dict, where: str) -> None:
             continue
         if k in _COUNTS and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"config.json: {where}{k} must be a positive integer, got {v!r}")
-        if k in _POSITIVE_REALS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+        if k in _POSITIVE_REALS and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                     or not 0 < v < float("inf")):
             raise ConfigError(f"config.json: {where}{k} must be a positive number, got {v!r}")
         if k in _FLAGS and not isinstance(v, bool):
             raise ConfigError(f"config.json: {where}{k} must be true or false, got {v!r}")
