@@ -40,16 +40,19 @@ class Full:
     def event_layers(self, num_layers: int) -> list[int]:
         return []
 
-    @functools.lru_cache(maxsize=1024)  # policies are frozen (hashable); schedulers ask every step
     def budgets(self, n0: int, num_layers: int) -> list[int]:
         """G_l per layer: N0 below the first event layer, the schedule's budget from it on (never above N0)."""
+        return list(self._budgets(n0, num_layers))  # a copy: the cached tuple is shared by every caller
+
+    @functools.lru_cache(maxsize=1024)  # policies are frozen (hashable); schedulers ask every step
+    def _budgets(self, n0: int, num_layers: int) -> tuple[int, ...]:
         events = self.event_layers(num_layers)
         out, g = [], n0
         for layer in range(num_layers):
             if layer in events:
                 g = min(g, self._event_budget(n0, layer))
             out.append(g)
-        return out
+        return tuple(out)
 
     def _event_budget(self, n0: int, layer: int) -> int:
         return n0
@@ -183,11 +186,11 @@ class ST3(PVTP):
 
     def decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int] | None:
         # phi is flat after the anneal, so clamping t keeps the cache small without changing a budget.
-        return self._decode_budgets(n0, num_layers, min(t, self.anneal_steps))
+        return dict(self._decode_budgets(n0, num_layers, min(t, self.anneal_steps)))  # a copy, as budgets()
 
     @functools.lru_cache(maxsize=4096)
     def _decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int]:
-        phi, g = self.phi(t), self.budgets(n0, num_layers)
+        phi, g = self.phi(t), self._budgets(n0, num_layers)
         return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
 
 
