@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,9 +102,11 @@ class Full:
 @dataclass(frozen=True)
 class FastV(Full):
     """FastV: at one layer, keep the top (1 - ratio) visual tokens by the layer below's attention, once."""
-    layer: int = 2
-    ratio: float = 0.5
-    min_keep: int = 1
+    # metadata["help"] is the text of the matching command-line flag (engine/policy_flags.py).
+    layer: int = field(default=2, metadata={"help": "the one layer that prunes, ranked by the layer below's "
+                                                    "attention"})
+    ratio: float = field(default=0.5, metadata={"help": "share of the visual tokens dropped there"})
+    min_keep: int = field(default=1, metadata={"help": "never keep fewer visual tokens than this at a layer"})
     name = "fastv"
 
     def validate(self, num_layers: int) -> None:
@@ -124,10 +126,11 @@ class FastV(Full):
 @dataclass(frozen=True)
 class PVTP(Full):
     """Progressive visual token pruning: every `stride` layers from `start_layer`, keep (1 - ratio) more."""
-    start_layer: int = 2
-    stride: int = 2
-    ratio: float = 0.3
-    min_keep: int = 1
+    start_layer: int = field(default=2, metadata={"help": "first layer that prunes (K)"})
+    stride: int = field(default=2, metadata={"help": "layers from one pruning event to the next (S)"})
+    ratio: float = field(default=0.3, metadata={"help": "share of the remaining visual tokens dropped at each "
+                                                        "event (R)"})
+    min_keep: int = field(default=1, metadata={"help": "never keep fewer visual tokens than this at a layer"})
     name = "pvtp"
 
     def validate(self, num_layers: int) -> None:
@@ -159,9 +162,11 @@ class ST3(PVTP):
       cosine  f + (1 - f) * (1 + cos(pi * min(t, T) / T)) / 2   (slow start, slow finish)
       step    1 until t reaches T, then f
     """
-    anneal_steps: int = 64
-    anneal_floor: float = 0.5
-    anneal_curve: str = "linear"
+    anneal_steps: int = field(default=64, metadata={"help": "generated tokens over which the decode budgets "
+                                                            "fall (T)"})
+    anneal_floor: float = field(default=0.5, metadata={"help": "share of each prefill budget left once the "
+                                                               "anneal is over"})
+    anneal_curve: str = field(default="linear", metadata={"help": "how the budgets fall", "choices": CURVES})
     name = "st3"
 
     def validate(self, num_layers: int) -> None:

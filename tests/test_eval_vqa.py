@@ -24,6 +24,8 @@ def test_answer_kinds(question, gold, kinds):
     (["--policies", "st3:ratio=1.5"], "ratio must be in [0, 1)"),
     (["--policies", "nope"], "unknown policy"),
     (["--model", "/no/such/dir"], "--model"),
+    (["--policies", "fastv:start_layer=1"], "policy 'fastv' has no knob 'start_layer' (its knobs: layer, ratio"),
+    (["--policies", "st3:anneal_steps=x"], "anneal_steps must be an int"),
 ])
 def test_bad_settings_exit_2_before_any_evaluation(argv, message, capsys):
     from tools.demo.eval_vqa import main
@@ -31,3 +33,4 @@ def test_bad_settings_exit_2_before_any_evaluation(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err   # one line, as every CLI here
