@@ -160,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
     def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
         """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path.
 
-        `attend` replaces causal attention, e.g. for training's packed samples (tools/train_conversations).
+        `attend` replaces causal attention, e.g. for training's packed samples (tools/demo/conversations.py).
         """
         def causal(_: int, q, k, v):
             rep = q.shape[-2] // k.shape[-2]
