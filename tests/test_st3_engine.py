@@ -68,7 +68,7 @@ def _params(max_tokens=MAX_TOKENS):
 
 @pytest.mark.parametrize("kind,params", POLICIES, ids=IDS)
 def test_batched_equals_reference(model_dir, requests_, kind, params):
-    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600)
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
     outs = llm.generate(requests_, _params())
     _check(llm, outs, requests_, kind, params)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
@@ -76,7 +76,7 @@ def test_batched_equals_reference(model_dir, requests_, kind, params):
 
 @pytest.mark.parametrize("kind,params", POLICIES[::2], ids=IDS[::2])
 def test_solo_equals_reference(model_dir, requests_, kind, params):
-    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600)
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
     outs = [llm.generate([req], p)[0] for req, p in zip(requests_, _params())]
     _check(llm, outs, requests_, kind, params)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
@@ -86,7 +86,7 @@ def test_solo_equals_reference(model_dir, requests_, kind, params):
                          ids=[IDS[0], IDS[3], IDS[5], IDS[6]])
 def test_preemption_equals_reference(model_dir, requests_, kind, params):
     reqs = [requests_[0], requests_[2], requests_[2], requests_[0]]
-    probe = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=2000, block_size=4)
+    probe = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=2000, block_size=4, max_images_per_prompt=2)
     need = [probe.scheduler.prefill_blocks(probe._seqs[probe.add_request(r)]) for r in reqs]
     # The first two prompts fit, their growth does not: the newer one is preempted and recomputed.
     layers = probe.model_config.text.num_hidden_layers
