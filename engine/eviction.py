@@ -32,6 +32,7 @@ class EvictionPlan:
     events: tuple[int, ...]       # event layers
     first: int                    # layers below this never lose a visual entry
     event_of_layer: torch.Tensor  # [L - first] index of the deepest event layer at or below each layer
+    event_rows: torch.Tensor      # [K] event layers counted from `first` (device tensors: no copy in a step)
 
     @classmethod
     def for_policy(cls, policy: Full, num_layers: int, device: torch.device) -> EvictionPlan | None:
@@ -39,7 +40,8 @@ class EvictionPlan:
         if not policy.anneals or not events:
             return None
         k_of = [sum(e <= layer for e in events) - 1 for layer in range(events[0], num_layers)]
-        return cls(events, events[0], torch.tensor(k_of, device=device))
+        return cls(events, events[0], torch.tensor(k_of, device=device),
+                   torch.tensor([e - events[0] for e in events], device=device))
 
 
 def cap_bucket(moves: int) -> int:
@@ -75,9 +77,8 @@ def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch
     valid = entry < held[..., None]
     vis = pool.visual_index.index_select(0, slots.reshape(-1)).view_as(slots)
     idx = torch.where(valid & (vis >= 0) & (vis < n), vis.long(), n)            # [B, L', T], n: not visual
-    event_rows = torch.tensor([e - first for e in plan.events], device=lens.device)
     present = torch.zeros(b, len(plan.events), n + 1, dtype=torch.bool, device=lens.device)
-    present.scatter_(2, idx.index_select(1, event_rows), True)
+    present.scatter_(2, idx.index_select(1, plan.event_rows), True)
     gone = policy.evictions(present[..., :n], scores[..., :n].float(), budgets)  # [B, K, n]
     gone = torch.nn.functional.pad(gone, (0, 1))                                 # column n: never gone
     remove = gone.index_select(1, plan.event_of_layer).gather(2, idx)            # [B, L', T]

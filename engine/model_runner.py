@@ -125,7 +125,25 @@ class ModelRunner:
             q, gather_kv(k, entry_slots(tb[:, 0], bs)), gather_kv(v, entry_slots(tb[:, 0], bs)), ln[:, 0], False)[0]
         paged = lambda q, k, v, tb, ln: paged_decode_attention(q, k, v, tb, ln, 0, bs)  # noqa: E731
         atol = 1e-4 if k.dtype == torch.float32 else 2e-2
-        return pick_backend(gather, paged, (q, k, v, tables, lens), atol)
+        if not pick_backend(gather, paged, (q, k, v, tables, lens), atol):
+            return False
+        if not self.decode_score_layers:
+            return True
+        # ST3's score layers run the kernel's scoring variant: check it too, against the gather path.
+        n = 64
+        vis = torch.where(torch.rand(k.shape[0], device=dev, generator=g) < 0.5,
+                          torch.randint(0, n, (k.shape[0],), device=dev, generator=g), -1).to(torch.int32)
+        slots = entry_slots(tables[:, 0], bs)
+        _, row = decode_attention(q, gather_kv(k, slots), gather_kv(v, slots), lens[:, 0], True)
+        valid = torch.arange(slots.shape[1], device=dev)[None, :] < lens
+        want = torch.zeros(b, n + 1, device=dev).scatter_(1, torch.where(valid & (vis[slots] >= 0),
+                                                                          vis[slots].long(), n), row)
+        try:
+            got = torch.zeros(b, n + 1, device=dev)
+            paged_decode_attention(q, k, v, tables, lens, 0, bs, scores=got, visual_index=vis)
+        except Exception:  # noqa: BLE001 - a kernel that fails to compile here is simply not used
+            return False
+        return bool(torch.allclose(got[:, :n], want[:, :n], atol=1e-3, rtol=0))
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], evict_budgets: tuple[list[list[int]], int] | None = None

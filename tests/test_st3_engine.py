@@ -86,7 +86,7 @@ def test_solo_equals_reference(model_dir, requests_, kind, params):
                          ids=[IDS[0], IDS[3], IDS[5], IDS[6]])
 def test_preemption_equals_reference(model_dir, requests_, kind, params):
     reqs = [requests_[0], requests_[2], requests_[2], requests_[0]]
-    probe = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=2000, block_size=4, max_images_per_prompt=2)
+    probe = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=2000, block_size=4)
     need = [probe.scheduler.prefill_blocks(probe._seqs[probe.add_request(r)]) for r in reqs]
     # The first two prompts fit, their growth does not: the newer one is preempted and recomputed.
     layers = probe.model_config.text.num_hidden_layers
@@ -98,3 +98,12 @@ def test_preemption_equals_reference(model_dir, requests_, kind, params):
     assert sum(o.stats["preemptions"] for o in outs) > 0
     _check(llm, outs, reqs, kind, params, max_tokens)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
+
+
+def test_st3_score_buffers_bound_the_images(model_dir, requests_):
+    """ST3's static decode score rows hold max_images_per_prompt images; a bigger prompt is refused up front."""
+    from engine.errors import RequestError
+    llm = LLM(model_dir, policy="st3", num_kv_blocks=600)
+    with pytest.raises(RequestError, match="max_images_per_prompt"):
+        llm.add_request(requests_[3])
+    assert LLM(model_dir, policy="full", num_kv_blocks=600).generate([requests_[3]], _params([2]))[0].token_ids
