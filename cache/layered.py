@@ -45,11 +45,13 @@ class LayeredKVCache:
     # ---- allocation -------------------------------------------------------------------------
     def allocate(self, lens: list[int]) -> int:
         """Give a new sequence a seat and blocks for `lens[l]` entries per layer; return the seat."""
-        seat = self._free_seats.pop()
         n = -(-torch.as_tensor(lens) // self.block_size)
         if int(n.max()) > self.max_blocks:
             raise ValueError("sequence is longer than the cache's max_model_len")
-        blocks = torch.tensor(self.pool.allocate(int(n.sum())), dtype=torch.int64)
+        if not self._free_seats:
+            raise ValueError("no free seat: max_num_seqs sequences already hold the cache")
+        blocks = torch.tensor(self.pool.allocate(int(n.sum())), dtype=torch.int64)  # raises before taking any
+        seat = self._free_seats.pop()  # only once nothing can fail, so a failure leaks no seat
         cols = torch.arange(self.max_blocks)
         mask = cols[None, :] < n[:, None]                    # [L, max_blocks] row-major = allocation order
         self.tables[seat].zero_()

@@ -47,7 +47,10 @@ class LLM:
                  policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, enforce_eager: bool = False, max_images_per_prompt: int = 1,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", seed: int | None = None):
+        """`seed` draws the seeds of requests that bring none: None = from the OS, an int = reproducible."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -90,7 +93,10 @@ class LLM:
         self._texts: dict[str, TextState] = {}
         self._owned: set[str] = set()  # ids that generate()/stream() collect themselves
         self._ids = itertools.count()
-        self._rng = random.Random(0)
+        self._rng = random.Random(seed)
+        # Outputs of add_request users' requests made while generate()/stream() drove the engine:
+        # the next step() hands them over first.
+        self._undelivered: list[RequestOutput] = []
 
     def _num_blocks(self) -> int:
         c, t = self.config, self.model_config.text
@@ -157,11 +163,26 @@ class LLM:
                 self._forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Whether step() has anything left to do or to hand over."""
+        return self.scheduler.has_work or bool(self._undelivered)
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward (under ST3 ending with the next token's eviction), sample, postprocess."""
+        """Schedule, run one forward (under ST3 ending with the next token's eviction), sample, postprocess.
+
+        Returns updated requests; outputs that generate()/stream() produced for requests added with
+        add_request come first.
+        """
+        held_over, self._undelivered = self._undelivered, []
+        return held_over + self._step()
+
+    def _drive(self) -> list[RequestOutput]:
+        """One step for generate()/stream(): keeps the outputs of requests they do not own for step()."""
+        outs = self._step()
+        self._undelivered += [o for o in outs if o.request_id not in self._owned]
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
@@ -273,7 +294,7 @@ class LLM:
                 errors[rid] = str(e)
         pending = {i for i in ids if i not in errors}
         while pending:
-            self.step()
+            self._drive()
             pending = {i for i in pending if not self._seqs[i].is_finished}
         return [RequestOutput(i, "", [], "error", error=errors[i]) if i in errors else self._pop(i) for i in ids]
 
@@ -283,7 +304,7 @@ class LLM:
         self._owned.add(rid)
         try:
             while not self._seqs[rid].is_finished:
-                for out in self.step():
+                for out in self._drive():
                     if out.request_id == rid and (out.delta or out.finished):
                         yield out
             # Finished by abort or by another request's step.

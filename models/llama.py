@@ -189,6 +189,6 @@ class LlamaForCausalLM(nn.Module):
                       ctx: ForwardContext | None = None) -> torch.Tensor:
         """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path.
 
-        `ctx` replaces causal attention, e.g. for training's packed samples (tools/demo/conversations).
+        `ctx` replaces causal attention, e.g. for training's packed samples (tools/demo/conversations.py).
         """
         return self.logits(self.model(embeds, positions, ctx or ForwardContext()))

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
-                    help="skip stage 1: take the trained vision tower from this earlier train_demo output")
+                    help="skip stage 1: take the trained vision tower from this earlier tools.demo.train output")
     ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
     if args.whiten is not None and args.whiten < 0:
