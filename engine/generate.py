@@ -13,15 +13,7 @@ import sys
 
 from engine import LLM, SamplingParams
 from engine.errors import EngineError
-from scheduler.policy import POLICIES
-
-# CLI option (argparse dest) -> (the policies it applies to, the policy's parameter name)
-POLICY_FLAGS = {
-    "fastv_layer": ("fastv", "layer"), "fastv_ratio": ("fastv", "ratio"),
-    "start_layer": ("pvtp st3", "start_layer"), "stride": ("pvtp st3", "stride"), "ratio": ("pvtp st3", "ratio"),
-    "min_keep": ("fastv pvtp st3", "min_keep"), "anneal_steps": ("st3", "anneal_steps"),
-    "anneal_floor": ("st3", "anneal_floor"), "anneal_curve": ("st3", "anneal_curve"),
-}
+from engine.policy_flags import add_policy_arguments, policy_from_args
 
 
 class UsageError(ValueError):
@@ -50,34 +42,14 @@ def build_parser() -> Parser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    add_policy_flags(ap)
+    ap.add_argument_group("visual-token policy").add_argument("--policy", default="full",
+                                                              help="full, fastv, pvtp or st3")
+    add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--num-kv-blocks", type=int)
     return ap
-
-
-def add_policy_flags(ap: argparse.ArgumentParser) -> None:
-    """--policy and its parameters (read back with policy_params); shared with engine.serve."""
-    p = ap.add_argument_group("visual-token policy")
-    p.add_argument("--policy", default="full", help="full, fastv, pvtp or st3")
-    for flag, kind in [("--fastv-layer", int), ("--fastv-ratio", float), ("--start-layer", int), ("--stride", int),
-                       ("--ratio", float), ("--min-keep", int), ("--anneal-steps", int), ("--anneal-floor", float)]:
-        p.add_argument(flag, type=kind)
-    p.add_argument("--anneal-curve", choices=["linear", "cosine", "step"])
-
-
-def policy_params(args) -> dict:
-    out = {}
-    for dest, (policies, param) in POLICY_FLAGS.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if args.policy.lower() in POLICIES and args.policy.lower() not in policies.split():
-            raise UsageError(f"--{dest.replace('_', '-')} does not apply to policy {args.policy!r}")
-        out[param] = value
-    return out
 
 
 def stats_line(stats: dict) -> str:
@@ -94,12 +66,12 @@ def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop)
-    pparams = policy_params(args)
+    policy = policy_from_args(args)
     if args.model is None:
         print("note: no --model given: using the built-in easy-VQA demo model (64x64 images of one coloured "
               "circle, rectangle or triangle; ask e.g. 'what color is the shape?' or 'describe the image.')",
               file=sys.stderr)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=args.policy, policy_params=pparams,
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=policy,
               num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
     num_images = 0 if args.image is None else 1
     prompt = args.prompt if args.raw_prompt else llm.tokenizer.chat_prompt(args.prompt, num_images)

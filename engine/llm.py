@@ -15,6 +15,7 @@ import torch
 from cache.block_pool import BlockPool
 from cache.layered import LayeredKVCache
 from models.config import load_config
+from models.dummy_weights import dummy_model
 from models.image import load_preprocessor_config
 from models.loader import load_model
 from models.tokenizer import Tokenizer
@@ -37,8 +38,9 @@ def _exclusive(method):
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         if not self._lock.acquire(blocking=False):
+            name = {"_drive": "stream"}.get(method.__name__, method.__name__)
             raise ConcurrentUseError(
-                f"LLM.{method.__name__}() called from a second thread while another thread is inside the LLM; "
+                f"LLM.{name}() called from a second thread while another thread is inside the LLM; "
                 "LLM is single-threaded: use engine.AsyncLLM to serve requests from several threads or event "
                 "loops")
         try:
@@ -48,13 +50,29 @@ def _exclusive(method):
     return guarded
 
 
+def read_back(tokens: torch.Tensor, eviction: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[list[int], torch.Tensor | None]:
+    """The step's one device-to-host transfer: sampled tokens, plus the per-layer lengths an eviction left."""
+    if eviction is None:
+        return tokens.tolist(), None
+    new_lens, overflow = eviction
+    host = torch.cat([tokens.view(-1, 1).long(), new_lens, overflow.long().expand(len(tokens), 1)], 1).cpu()
+    if len(tokens) and bool(host[0, -1]):
+        raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
+    return host[:, 0].tolist(), host[:, 1:-1]
+
+
 class LLM:
     """A LLaVA model served with continuous batching over a layer-aware paged KV cache."""
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
                  policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, enforce_eager: bool = False):
+                 max_model_len: int | None = None, enforce_eager: bool = False, max_images_per_prompt: int = 1,
+                 load_format: str = "auto", seed: int | None = None):
+        """`seed` draws the seeds of requests that bring none: None = from the OS, an int = reproducible."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -74,13 +92,22 @@ class LLM:
         image_cfg = load_preprocessor_config(pre_dir, self.model_config.vision.image_size, pad=pad)
         self.processor = InputProcessor(self.model_config, self.tokenizer, image_cfg, self.max_model_len)
         dev = self.config.torch_device
-        self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
+        if load_format == "dummy":  # benchmarks at real geometry without a 14 GB checkpoint
+            self.model = dummy_model(self.model_config, dev, self.config.torch_dtype)
+        elif load_format == "auto":
+            self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
+        else:
+            raise EngineError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
         pool = BlockPool(self._num_blocks(), block_size, text.num_key_value_heads, text.head_dim,
                          self.config.torch_dtype, dev)
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
                                    max(max_num_batched_tokens, self.max_model_len))
-        self.runner = ModelRunner(self.model, self.cache, self.policy, dev)
+        if not isinstance(max_images_per_prompt, int) or max_images_per_prompt < 1:
+            raise EngineError(f"max_images_per_prompt must be an integer >= 1, got {max_images_per_prompt!r}")
+        # ST3 keeps one decode score row per visual token in static buffers sized for this many tokens.
+        self.max_visual = max_images_per_prompt * self.model_config.image_seq_length
+        self.runner = ModelRunner(self.model, self.cache, self.policy, dev, self.max_visual)
         self.runner.setup_decode(max_num_seqs, self.max_model_len,
                                  use_graphs=dev.type == "cuda" and not enforce_eager)
         self.eos_ids = frozenset(text.eos_token_id) | ({self.tokenizer.eos_token_id} - {None})
@@ -89,8 +116,11 @@ class LLM:
         self._owned: set[str] = set()  # ids that generate()/stream() collect themselves
         self._errors: dict[str, str] = {}  # owned ids whose step failed -> message
         self._ids = itertools.count()
-        self._rng = random.Random(0)
+        self._rng = random.Random(seed)
         self._lock = threading.RLock()
+        # Outputs of add_request users' requests made while generate()/stream() drove the engine:
+        # the next step() hands them over first.
+        self._undelivered: list[RequestOutput] = []
 
     def _num_blocks(self) -> int:
         c, t = self.config, self.model_config.text
@@ -130,6 +160,10 @@ class LLM:
                 and self.policy.event_layers(self.model_config.text.num_hidden_layers):
             raise RequestError(f"policy {self.policy.name!r} ranks visual tokens by the last prompt token's "
                                "attention, so the prompt must not end with <image>; add text after it")
+        if p.num_visual > self.max_visual and self.policy.anneals:
+            raise RequestError(f"the prompt has {p.num_visual} visual tokens; policy {self.policy.name!r} keeps decode "
+                               f"scores for at most {self.max_visual} (max_images_per_prompt="
+                               f"{self.max_visual // self.model_config.image_seq_length}); raise max_images_per_prompt")
         seq = Sequence(rid, p.prompt_ids, p.pixel_values, params,
                        seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
                        eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
@@ -158,22 +192,41 @@ class LLM:
                 self._forget(seq.request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Whether step() has anything left to do or to hand over."""
+        return self.scheduler.has_work or bool(self._undelivered)
 
     # ---- the loop ---------------------------------------------------------------------------
     @_exclusive
     def step(self) -> list[RequestOutput]:
-        """Evict (VTA), schedule, run one forward, sample, postprocess. Returns updated requests."""
-        self.scheduler.evict_visual()
+        """Schedule, run one forward (under ST3 ending with the next token's eviction), sample, postprocess.
+
+        Returns updated requests; outputs that generate()/stream() produced for requests added with
+        add_request come first.
+        """
+        held_over, self._undelivered = self._undelivered, []
+        return held_over + self._step()
+
+    @_exclusive
+    def _drive(self) -> list[RequestOutput]:
+        """One step for generate()/stream(): keeps the outputs of requests they do not own for step()."""
+        outs = self._step()
+        self._undelivered += [o for o in outs if o.request_id not in self._owned]
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        budgets = self.scheduler.eviction_budgets(seqs)
         try:
-            logits, scores = (self.runner.prefill if is_prefill else self.runner.decode)(seqs)
+            logits, eviction = (self.runner.prefill if is_prefill else self.runner.decode)(seqs, budgets)
             tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
+            tokens_l, new_lens = read_back(tokens, eviction)
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
             return self._fail(seqs, e)
-        tokens_l = tokens.tolist()
+        peak = self.cache.blocks_held_many([s.seat for s in seqs])  # before the eviction returns blocks
+        if new_lens is not None:
+            self.scheduler.apply_evictions(seqs, new_lens)
         want_lp = [s for s in seqs if s.params.logprobs is not None and not s.replaying]
         top = None
         if want_lp:
@@ -183,8 +236,7 @@ class LLM:
         held = self.cache.blocks_held_many([s.seat for s in seqs])
         outputs = []
         for b, seq in enumerate(seqs):
-            seq.scores = scores[b]
-            seq.kv_peak_blocks = max(seq.kv_peak_blocks, held[b])
+            seq.kv_peak_blocks = max(seq.kv_peak_blocks, peak[b])
             if seq.replaying:  # recompute after preemption: keep the recorded token
                 seq.cursor += 1
                 continue
@@ -295,7 +347,7 @@ class LLM:
                 errors[rid] = str(e)
         pending = {i for i in ids if i not in errors}
         while pending:
-            self.step()
+            self._drive()
             pending = {i for i in pending if not self._seqs[i].is_finished}
         return [RequestOutput(i, "", [], "error", error=errors[i]) if i in errors else self._pop(i) for i in ids]
 
@@ -305,7 +357,7 @@ class LLM:
         self._owned.add(rid)
         try:
             while not self._seqs[rid].is_finished:
-                for out in self.step():
+                for out in self._drive():
                     if out.request_id == rid and (out.delta or out.finished):
                         yield out
             # Finished by abort or by another request's step.

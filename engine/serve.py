@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .async_llm import AsyncLLM
 from .errors import EngineError, QueueFullError, RequestError
-from .generate import Parser, UsageError, add_policy_flags, policy_params
+from .generate import Parser, UsageError
+from .policy_flags import add_policy_arguments, policy_from_args
 from .serve_media import MediaPolicy, load_images
 from .serve_protocol import APIError, ParsedRequest, parse_chat, parse_completion
 from .serve_responses import (ChunkWriter, LogprobFormatter, chat_response, completion_response, prometheus, sse)
@@ -155,7 +156,9 @@ def build_parser() -> Parser:
     m.add_argument("--allowed-local-media-path", metavar="DIR", help="allow file:// image URLs under DIR")
     m.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per image URL fetch")
     m.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest image accepted, in bytes")
-    add_policy_flags(ap)
+    ap.add_argument_group("visual-token policy").add_argument("--policy", default="full",
+                                                              help="full, fastv, pvtp or st3")
+    add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
@@ -180,7 +183,7 @@ def make_server(args):
         local = Path(args.allowed_local_media_path)
         if not local.is_dir():
             raise UsageError(f"--allowed-local-media-path {str(local)!r} is not a directory")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=args.policy, policy_params=policy_params(args),
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=policy_from_args(args),
               num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len)
     name = args.served_model_name or llm.model_dir.resolve().name

@@ -139,11 +139,11 @@ def _fail_once(monkeypatch, llm: LLM, name: str):
     real = getattr(llm.runner, name)
     calls = []
 
-    def flaky(seqs):
+    def flaky(seqs, *args):
         calls.append(len(seqs))
         if len(calls) == 1:
             raise RuntimeError("injected fault")
-        return real(seqs)
+        return real(seqs, *args)
     monkeypatch.setattr(llm.runner, name, flaky)
     return calls
 
@@ -192,10 +192,10 @@ def test_llm_refuses_a_second_thread(env, monkeypatch):
     inside, release = threading.Event(), threading.Event()
     real = llm.runner.prefill
 
-    def slow_prefill(seqs):
+    def slow_prefill(seqs, *args):
         inside.set()
         release.wait(60)
-        return real(seqs)
+        return real(seqs, *args)
     monkeypatch.setattr(llm.runner, "prefill", slow_prefill)
     first = threading.Thread(target=llm.generate, args=(env.reqs[2], SamplingParams(max_tokens=3, **GREEDY)))
     first.start()

@@ -132,7 +132,7 @@ def test_bad_input_is_one_error_line(runs, case, message):
 @pytest.mark.parametrize("extra, message", [
     (["--policy", "st3", "--ratio", "1.5"], "ratio must be in [0, 1)"),
     (["--anneal-steps", "3"], "--anneal-steps does not apply to policy 'full'"),
-    (["--policy", "fastv", "--fastv-layer", "9"], "fastv layer 9"),
+    (["--policy", "fastv", "--layer", "9"], "fastv layer 9"),
     (["--num-kv-blocks", "4"], "KV blocks"),
     (["--dtype", "float7"], "dtype"),
     (["--max-tokens", "many"], "argument --max-tokens: invalid int value"),  # argparse's own errors, one line

@@ -2,7 +2,6 @@
 
 import json
 import random
-import time
 
 import pytest
 
@@ -202,14 +201,6 @@ def test_stream_window_stays_small(tok):
     assert widest <= 8 and len(ids) > 500
 
 
-def test_encode_speed(tok):
-    text = tok.chat_prompt("Describe this picture of a cat on a table in great detail, please. " * 6)
-    t0 = time.perf_counter()
-    for _ in range(100):
-        tok.encode(text)
-    assert (time.perf_counter() - t0) / 100 < 0.01
-
-
 # --- bad input -----------------------------------------------------------------------------
 
 def test_missing_files(tmp_path):
@@ -260,9 +251,7 @@ def test_bad_encode_decode_args(tok):
 def test_write_tokenizer_sizes(tmp_path, kind):
     for n in (300, 32000):
         d = tmp_path / f"{kind}{n}"
-        t0 = time.perf_counter()
         info = write_tokenizer(d, n, kind)
-        assert time.perf_counter() - t0 < 5
         assert info == {"bos_token_id": 1, "eos_token_id": 2, "image_token_id": n, "pad_token_id": n + 1,
                         "text_vocab_size": n}
         tok = Tokenizer.from_dir(d)
