@@ -204,8 +204,8 @@ class LLM:
             reason = "length"
         if reason is None:
             return
-        if not hit_stop_string:
-            text.flush(seq)
+        if not hit_stop_string and text.flush(seq):
+            reason = "stop"  # the held-back tail (an open byte run) completed a stop string
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
 

@@ -43,7 +43,10 @@ def request_stats(seq: Sequence, blocks_now: int, policy: str) -> dict:
 
 
 class TextState:
-    """A request's detokenized text: grows a token at a time, finds stop strings, never splits a character."""
+    """A request's detokenized text: grows a token at a time, finds stop strings, never takes text back.
+
+    seq.text is always a prefix of decode(output ids) (cut before the first stop string, if any).
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.decoder = tokenizer.stream_decoder()
@@ -53,9 +56,15 @@ class TextState:
     def append(self, seq: Sequence, tok: int) -> bool:
         """Add a token's text to seq.text; True if a stop string now ends it (text cut before it)."""
         # lm_head is often padded past the tokenizer (llava-hf: 32064 rows, 32002 tokens): no text for those.
-        delta = self.decoder.feed(tok) if tok < self.vocab_size else ""
+        return self._add(seq, self.decoder.feed(tok) if tok < self.vocab_size else "")
+
+    def flush(self, seq: Sequence) -> bool:
+        """Add the text the decoder still holds (an open byte run); True if it completes a stop string."""
+        return self._add(seq, self.decoder.flush())
+
+    def _add(self, seq: Sequence, delta: str) -> bool:
         seq.text += delta
-        if not seq.params.stop:
+        if not seq.params.stop or not delta:
             return False
         # Only the tail can hold a new match: the longest stop string plus this step's text.
         tail_from = max(0, len(seq.text) - len(delta) - max(map(len, seq.params.stop)))
@@ -63,9 +72,6 @@ class TextState:
         if hits:
             seq.text = seq.text[:min(hits)]
         return bool(hits)
-
-    def flush(self, seq: Sequence) -> None:
-        seq.text += self.decoder.flush()
 
     def delta(self, seq: Sequence) -> str:
         """Text not yet handed out, holding back what could still start a stop string."""
