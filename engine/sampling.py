@@ -13,8 +13,14 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 is greedy."""
-    max_tokens: int = 64
+    """How to pick tokens and when to stop. temperature 0 is greedy; max_tokens=None runs to the context.
+
+    presence_penalty / frequency_penalty follow vLLM: subtracted from the logits of tokens this
+    completion has generated (never the prompt's), once per distinct token / once per occurrence.
+    n > 1 samples n completions of one prompt from one prefill; with a seed, completion i uses
+    seed + i (as vLLM does), so the completions differ and the set is reproducible.
+    """
+    max_tokens: int | None = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -25,6 +31,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def num(name, v):
@@ -32,8 +41,9 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name} must be a number, got {v!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             num(name, getattr(self, name))
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
+            raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
         if self.temperature < 0 or self.temperature == float("inf"):
             raise ValueError(f"SamplingParams.temperature must be >= 0 and finite, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -57,6 +67,12 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or self.logprobs < 0):
             raise ValueError(f"SamplingParams.logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            num(name, getattr(self, name))
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"SamplingParams.{name} must be in [-2, 2], got {getattr(self, name)!r}")
 
 
 _MASK32 = 0xFFFFFFFF
@@ -95,6 +111,17 @@ class SamplingBatch:
     seen: torch.Tensor | None  # [B, vocab] bool: tokens already in prompt/output (repetition penalty)
     all_greedy: bool = False
     needs_filter: bool = True
+    presence_penalty: torch.Tensor | None = None   # [B]
+    frequency_penalty: torch.Tensor | None = None  # [B]
+    output_counts: torch.Tensor | None = None      # [B, vocab]: times each token was generated so far
+
+
+def output_counts(outputs: list[list[int]], vocab: int, device: torch.device | str) -> torch.Tensor:
+    """[B, vocab] occurrence counts of each row's generated tokens, in one accumulating index_put."""
+    rows = torch.repeat_interleave(torch.arange(len(outputs)), torch.tensor([len(o) for o in outputs]))
+    ids = torch.tensor([t for o in outputs for t in o], dtype=torch.int64)
+    counts = torch.zeros(len(outputs), vocab)
+    return counts.index_put_((rows, ids), torch.ones(len(ids)), accumulate=True).to(device)
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +132,9 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         pen = b.repetition_penalty[:, None]
         penalised = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(b.seen, penalised, logits)
+    if b.output_counts is not None:  # vLLM's order: repetition, then frequency, then presence
+        counts = b.output_counts.to(logits.dtype)
+        logits = logits - b.frequency_penalty[:, None] * counts - b.presence_penalty[:, None] * (counts > 0)
     greedy = logits.argmax(dim=-1)
     if b.all_greedy:
         return greedy, logprobs
