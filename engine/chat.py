@@ -12,6 +12,7 @@ from models.chat_template import IMAGE_TAG, ROLES, llava_chat_prompt
 
 from .errors import RequestError
 from .image_input import short
+from .outputs import RequestOutput
 
 PART_TYPES = ("text", "image_url", "image_pil", "image")
 
@@ -72,3 +73,26 @@ def _image_of(part: dict, kind: str, at: str):
 
 def _kind(value) -> str:
     return "None" if value is None else type(value).__name__
+
+
+def run_chat(llm, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+    """LLM.chat: one conversation or a list; in a list a malformed one gets an "error" output."""
+    batch = is_conversation_list(messages)
+    convs = list(messages) if batch else [messages]
+    if isinstance(sampling_params, list) and len(sampling_params) != len(convs):
+        raise RequestError(f"{len(convs)} conversations but {len(sampling_params)} SamplingParams")
+    outs: list[RequestOutput | None] = [None] * len(convs)
+    reqs, where = [], []
+    for i, conv in enumerate(convs):
+        try:
+            reqs.append(chat_request(conv))
+            where.append(i)
+        except RequestError as e:
+            if not batch:
+                raise
+            outs[i] = RequestOutput(f"error-{next(llm._ids)}", "", [], "error", error=str(e))
+    params = [sampling_params[i] for i in where] if isinstance(sampling_params, list) else sampling_params
+    done = llm.generate(reqs if batch else reqs[0], params, use_tqdm) if reqs else []
+    for i, out in zip(where, done):
+        outs[i] = out
+    return outs

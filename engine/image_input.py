@@ -34,7 +34,11 @@ def load_any_image(src) -> Image.Image:
             raise ImageError(f"image URL {short(src)}: remote images are not fetched (the engine never uses "
                              "the network); download it and pass the file's path, bytes or a data: URI")
         path = unquote(src[len("file://"):]) if src.startswith("file://") else src
-        if len(path) > 4096 or "\n" in path or not Path(path).is_file():
+        try:
+            found = Path(path).is_file()
+        except (OSError, ValueError):  # a name too long for the OS, or with a NUL byte
+            found = False
+        if not found:
             raise ImageError(f"image file not found: {short(path)}")
         return load_image(path)
     if isinstance(src, (Path, bytes, bytearray, memoryview, Image.Image)):
