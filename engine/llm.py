@@ -191,7 +191,7 @@ class LLM:
             outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq), held[b]))
             if seq.is_finished and seq.request_id not in self._owned:
                 self._forget(seq.request_id)  # add_request/step users got their last output
-        return self._families.merge(outputs) if self._families else outputs
+        return self._families.merge(outputs)  # one output per request (n > 1: its completions together)
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         dev = self.config.torch_device
