@@ -30,13 +30,25 @@ from .sampling import SamplingBatch, SamplingParams, penalty_batch, sample
 from scheduler.sequence import Sequence, Status
 
 
+def read_back(tokens: torch.Tensor, eviction: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[list[int], torch.Tensor | None]:
+    """The step's one device-to-host transfer: sampled tokens, plus the per-layer lengths an eviction left."""
+    if eviction is None:
+        return tokens.tolist(), None
+    new_lens, overflow = eviction
+    host = torch.cat([tokens.view(-1, 1).long(), new_lens, overflow.long().expand(len(tokens), 1)], 1).cpu()
+    if len(tokens) and bool(host[0, -1]):
+        raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
+    return host[:, 0].tolist(), host[:, 1:-1]
+
+
 class LLM:
     """A LLaVA model served with continuous batching over a layer-aware paged KV cache."""
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
                  policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, enforce_eager: bool = False):
+                 max_model_len: int | None = None, enforce_eager: bool = False, max_images_per_prompt: int = 1):
         self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -62,7 +74,11 @@ class LLM:
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
                                    max(max_num_batched_tokens, self.max_model_len))
-        self.runner = ModelRunner(self.model, self.cache, self.policy, dev)
+        if not isinstance(max_images_per_prompt, int) or max_images_per_prompt < 1:
+            raise EngineError(f"max_images_per_prompt must be an integer >= 1, got {max_images_per_prompt!r}")
+        # ST3 keeps one decode score row per visual token in static buffers sized for this many tokens.
+        self.max_visual = max_images_per_prompt * self.model_config.image_seq_length
+        self.runner = ModelRunner(self.model, self.cache, self.policy, dev, self.max_visual)
         self.runner.setup_decode(max_num_seqs, self.max_model_len,
                                  use_graphs=dev.type == "cuda" and not enforce_eager)
         self.eos_ids = frozenset(text.eos_token_id) | ({self.tokenizer.eos_token_id} - {None})
@@ -107,6 +123,10 @@ class LLM:
                 and self.policy.event_layers(self.model_config.text.num_hidden_layers):
             raise RequestError(f"policy {self.policy.name!r} ranks visual tokens by the last prompt token's "
                                "attention, so the prompt must not end with <image>; add text after it")
+        if p.num_visual > self.max_visual and self.policy.anneals:
+            raise RequestError(f"the prompt has {p.num_visual} visual tokens; policy {self.policy.name!r} keeps decode "
+                               f"scores for at most {self.max_visual} (max_images_per_prompt="
+                               f"{self.max_visual // self.model_config.image_seq_length}); raise max_images_per_prompt")
         seq = Sequence(rid, p.prompt_ids, p.pixel_values, params,
                        seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
                        eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
@@ -148,16 +168,19 @@ class LLM:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Evict (VTA), schedule, run one forward, sample, postprocess. Returns updated requests."""
-        self.scheduler.evict_visual()
+        """Schedule, run one forward (under ST3 ending with the next token's eviction), sample, postprocess."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        logits, scores = (self.runner.prefill if is_prefill else self.runner.decode)(seqs)
+        budgets = self.scheduler.eviction_budgets(seqs)
+        logits, eviction = (self.runner.prefill if is_prefill else self.runner.decode)(seqs, budgets)
         if is_prefill and self._families:
-            seqs, logits, scores = self._families.fork(self, seqs, logits, scores)
+            seqs, logits, eviction = self._families.fork(self, seqs, logits, eviction)
         tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
-        tokens_l = tokens.tolist()
+        tokens_l, new_lens = read_back(tokens, eviction)
+        peak = self.cache.blocks_held_many([s.seat for s in seqs])  # before the eviction returns blocks
+        if new_lens is not None:
+            self.scheduler.apply_evictions(seqs, new_lens)
         want_lp = [s for s in seqs if s.params.logprobs is not None and not s.replaying]
         top = None
         if want_lp:
@@ -167,8 +190,7 @@ class LLM:
         held = self.cache.blocks_held_many([s.seat for s in seqs])
         outputs = []
         for b, seq in enumerate(seqs):
-            seq.scores = scores[b]
-            seq.kv_peak_blocks = max(seq.kv_peak_blocks, held[b])
+            seq.kv_peak_blocks = max(seq.kv_peak_blocks, peak[b])
             if seq.replaying:  # recompute after preemption: keep the recorded token
                 seq.cursor += 1
                 continue

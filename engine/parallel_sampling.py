@@ -61,8 +61,14 @@ class Families:
         fam.n = len(fam.members)
         return fam.members
 
-    def fork(self, llm, seqs: list[Sequence], logits: torch.Tensor, scores: list) -> tuple[list, torch.Tensor, list]:
-        """After a prefill: the siblings of freshly prefilled leads, with cache copies and the leads' logits rows."""
+    def fork(self, llm, seqs: list[Sequence], logits: torch.Tensor, eviction: tuple | None
+             ) -> tuple[list[Sequence], torch.Tensor, tuple | None]:
+        """After a prefill: the siblings of freshly prefilled leads, with cache copies and the leads' logits rows.
+
+        Under ST3 the prefill forward has already compacted the lead's layers on the device for its first
+        eviction, while the host still holds the old lengths; the copy covers those, and the sibling takes
+        the lead's row of the eviction's new lengths, so both shrink alike when the step reads them back.
+        """
         added, rows = [], []
         cache, sched = llm.cache, llm.scheduler
         for b, lead in enumerate(seqs):
@@ -88,8 +94,11 @@ class Families:
                 fam.members.append(sib)
                 llm._register(sib, owned=lead.request_id in llm._owned)
         if not added:
-            return seqs, logits, scores
-        return seqs + added, torch.cat([logits, logits[rows]]), list(scores) + [scores[b] for b in rows]
+            return seqs, logits, eviction
+        if eviction is not None:
+            new_lens, overflow = eviction
+            eviction = (torch.cat([new_lens, new_lens[rows]]), overflow)
+        return seqs + added, torch.cat([logits, logits[rows]]), eviction
 
     def output(self, llm, seq: Sequence, delta: str, blocks_now: int | None) -> RequestOutput:
         """The whole request's output after `seq` moved; only `seq`'s completion carries a delta."""

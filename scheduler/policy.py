@@ -5,7 +5,8 @@ One small interface, per sequence with N0 visual tokens in an L-layer decoder:
   budgets(N0, L)             G_l: visual entries layer l keeps after prefill
   decode_budgets(N0, L, t)   VTA budgets per event layer before a decode forward (None = never evict)
   score_layers(L, decode)    layers whose last-row attention scores the next forward must produce
-  evictions(...)             which visual tokens leave which event layers before a decode forward (batched)
+  evictions(...)             which visual tokens leave which event layers before a decode forward (batched,
+                             on any device: engine/eviction.py runs it inside the decode step)
 Rounding is floor(x + 0.5) everywhere; ties in a ranking go to the lower position.
 """
 from __future__ import annotations
@@ -83,8 +84,8 @@ class Full:
         (a token evicted at one event layer is evicted from all deeper ones too).
         """
         b, num_events, n = present.shape
-        ranks = torch.arange(n).expand(b, n)
-        gone = torch.zeros(b, n, dtype=torch.bool)
+        ranks = torch.arange(n, device=present.device).expand(b, n)
+        gone = torch.zeros(b, n, dtype=torch.bool, device=present.device)
         out = torch.zeros_like(present)
         for k in range(num_events):
             members = present[:, k] & ~gone
@@ -189,6 +190,28 @@ class ST3(PVTP):
     def _decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int]:
         phi, g = self.phi(t), self.budgets(n0, num_layers)
         return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
+
+
+@functools.lru_cache(maxsize=65536)
+def removal_bound(policy: Full, n0: int, num_layers: int, t: int) -> int:
+    """Most entries the eviction before token t can remove from one sequence, over all its layers.
+
+    A layer following event layer k holds at most budget_k(t-1) visual entries after the previous
+    eviction, so now it loses at most the sum over event layers j <= k of budget_j(t-1) - budget_j(t),
+    and never more than it holds. decode_budgets(0) is the prefill budget.
+    """
+    now = policy.decode_budgets(n0, num_layers, t)
+    if not now:
+        return 0
+    before, held = policy.decode_budgets(n0, num_layers, t - 1), policy.budgets(n0, num_layers)
+    events = sorted(now)
+    total, drop, k = 0, 0, -1
+    for layer in range(events[0], num_layers):
+        while k + 1 < len(events) and events[k + 1] <= layer:
+            k += 1
+            drop += max(0, before[events[k]] - now[events[k]])
+        total += min(held[layer], drop)
+    return total
 
 
 def _check_int(name: str, value, low: int) -> None:

@@ -35,7 +35,6 @@ class Sequence:
     # cache, ST3 sets and scores end up exactly as if it had never been preempted.
     cursor: int = 0
     seat: int | None = None
-    scores: torch.Tensor | None = None  # last forward's score rows [num score layers, N0]
     text: str = ""
     finish_reason: str | None = None
     num_preemptions: int = 0

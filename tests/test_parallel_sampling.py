@@ -34,7 +34,7 @@ def new_llm(env, **kw) -> LLM:
 def count_prefills(llm: LLM) -> list[list[str]]:
     """Wrap the runner's prefill; the list gets the request ids of every prefill call."""
     calls, prefill = [], llm.runner.prefill
-    llm.runner.prefill = lambda seqs: (calls.append([s.request_id for s in seqs]), prefill(seqs))[1]
+    llm.runner.prefill = lambda seqs, *rest: (calls.append([s.request_id for s in seqs]), prefill(seqs, *rest))[1]
     return calls
 
 
