@@ -12,6 +12,7 @@ import torch
 from cache.block_pool import BlockPool
 from cache.layered import LayeredKVCache
 from models.config import load_config
+from models.dummy_weights import dummy_model
 from models.image import load_preprocessor_config
 from models.loader import load_model
 from models.tokenizer import Tokenizer
@@ -48,7 +49,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
                  policy: str | Full = "full", policy_params: dict | None = None, num_kv_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, enforce_eager: bool = False, max_images_per_prompt: int = 1):
+                 max_model_len: int | None = None, enforce_eager: bool = False, max_images_per_prompt: int = 1,
+                 load_format: str = "auto"):
         self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -68,7 +70,12 @@ class LLM:
         image_cfg = load_preprocessor_config(pre_dir, self.model_config.vision.image_size, pad=pad)
         self.processor = InputProcessor(self.model_config, self.tokenizer, image_cfg, self.max_model_len)
         dev = self.config.torch_device
-        self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
+        if load_format == "dummy":  # benchmarks at real geometry without a 14 GB checkpoint
+            self.model = dummy_model(self.model_config, dev, self.config.torch_dtype)
+        elif load_format == "auto":
+            self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
+        else:
+            raise EngineError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
         pool = BlockPool(self._num_blocks(), block_size, text.num_key_value_heads, text.head_dim,
                          self.config.torch_dtype, dev)
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
