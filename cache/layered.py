@@ -59,6 +59,27 @@ class LayeredKVCache:
         self.lens[seat] = torch.as_tensor(lens)
         return seat
 
+    def fork(self, seat: int) -> int:
+        """A new seat holding a copy of every layer's entries of `seat` (n > 1 completions, one prefill).
+
+        Copies, not shared blocks: ST3's eviction compacts each (seat, layer) in place and shrink() frees
+        its tail blocks, so a block shared by two seats would be rewritten or freed under the other one;
+        sharing (copy-on-write) would need per-block reference counts that eviction and free respect.
+        A prompt's copy is cheap next to the prefill it saves.
+        """
+        lens = self.lens[seat].clone()
+        new = self.allocate(lens.tolist())
+        n = -(-lens // self.block_size)
+        held = torch.arange(self.max_blocks)[None, :] < n[:, None]          # [L, max_blocks]
+        offsets = torch.arange(self.block_size)
+        src = (self.tables[seat][held][:, None] * self.block_size + offsets).view(-1)
+        dst = (self.tables[new][held][:, None] * self.block_size + offsets).view(-1)
+        pool = self.pool
+        src, dst = src.to(pool.k.device), dst.to(pool.k.device)
+        for t in (pool.k, pool.v, pool.visual_index):
+            t.index_copy_(0, dst, t.index_select(0, src))
+        return new
+
     def slots(self, seat: int, layer: int, n: int) -> torch.Tensor:
         """Slot ids of entries 0..n-1 of (seat, layer)."""
         idx = torch.arange(n)

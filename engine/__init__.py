@@ -4,7 +4,8 @@ from scheduler.policy import FastV, Full, PVTP, ST3
 from .async_llm import AsyncLLM
 from .errors import ConcurrentUseError, EngineError, QueueFullError, RequestError
 from .llm import LLM, RequestOutput
+from .outputs import CompletionOutput
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "EngineError", "RequestError", "ConcurrentUseError",
-           "QueueFullError", "Full", "FastV", "PVTP", "ST3"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineError", "RequestError",
+           "ConcurrentUseError", "QueueFullError", "Full", "FastV", "PVTP", "ST3"]

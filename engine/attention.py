@@ -63,27 +63,31 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(b, t, *cache.shape[1:]).transpose(1, 2)
 
 
-def decode_probs(q: torch.Tensor, k_all: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+def decode_probs(q: torch.Tensor, k_all: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
     """fp32 attention probabilities [B, Hkv, rep, T] of one query per sequence; entries >= lens get 0."""
     b, h, d = q.shape
     hkv, t = k_all.shape[1], k_all.shape[2]
-    valid = torch.arange(t, device=q.device)[None, :] < lens[:, None]      # [B, T]
     logits = (_fold(q, hkv).float() @ k_all.float().transpose(-1, -2)) / math.sqrt(d)
-    return torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    if lens is not None:
+        valid = torch.arange(t, device=q.device)[None, :] < lens[:, None]      # [B, T]
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
-def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, lens: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, lens: torch.Tensor | None,
                      want_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence against its gathered entries; entries at index >= lens are padding.
 
-    q [B, H, D]; k_all, v_all [B, Hkv, T, D]; lens [B]. Returns ([B, H, D], scores [B, T] or None).
-    The score row is the query's attention averaged over heads (see the module docstring).
+    q [B, H, D]; k_all, v_all [B, Hkv, T, D]; lens [B], or None when every entry is valid.
+    Returns ([B, H, D], scores [B, T] or None). The score row is the query's attention averaged over
+    heads (see the module docstring).
     """
     b, h, d = q.shape
     if not want_scores:
-        valid = torch.arange(k_all.shape[2], device=q.device)[None, :] < lens[:, None]
-        out = F.scaled_dot_product_attention(_fold(q, k_all.shape[1]), k_all, v_all,
-                                             attn_mask=valid[:, None, None, :])
+        mask = None
+        if lens is not None:
+            mask = (torch.arange(k_all.shape[2], device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(_fold(q, k_all.shape[1]), k_all, v_all, attn_mask=mask)
         return out.reshape(b, h, d), None
     probs = decode_probs(q, k_all, lens)
     out = (probs.to(v_all.dtype) @ v_all).reshape(b, h, d)
@@ -132,11 +136,14 @@ class PagedAttention:
         if self.use_triton:
             return paged_decode_attention(q, pool.k, pool.v, batch.block_tables, batch.context_lens, layer, bs,
                                           scores=dst, visual_index=pool.visual_index if want else None)
-        tables = batch.block_tables[:, layer]
-        if batch.layer_widths is not None:
-            tables = tables[:, :batch.layer_widths[layer]]
-        slots_all = entry_slots(tables, bs)
-        out, row = decode_attention(q, gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all), lens, want)
+        tables, mask_lens = batch.block_tables[:, layer], lens
+        if batch.layer_lens is None:
+            slots_all = entry_slots(tables, bs)
+        else:  # eager: gather exactly the longest row's entries; a lone row then needs no mask at all
+            n = batch.layer_lens[layer]
+            slots_all = entry_slots(tables[:, :-(-n // bs)], bs)[:, :n]
+            mask_lens = None if q.shape[0] == 1 else lens
+        out, row = decode_attention(q, gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all), mask_lens, want)
         if want:
             vis = pool.visual_index.index_select(0, slots_all.reshape(-1)).view_as(slots_all)
             valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < lens[:, None]

@@ -27,7 +27,7 @@ class ForwardBatch(ForwardContext):
     scores: torch.Tensor                # [B, len(score_layers), N0max + 1], by visual index; last column: text sink
     # Decode: one row per sequence, static buffers (CUDA-graph inputs).
     slot_mapping: torch.Tensor | None = None   # [L, B] where each layer writes its new entry
-    layer_widths: list[int] | None = None      # eager decode: blocks each layer's tables really span
+    layer_lens: list[int] | None = None        # eager decode: entries of each layer's longest row
     # Prefill: the prompts' rows packed together, pruned between layers.
     seq_of_row: torch.Tensor | None = None     # [N] which sequence a row belongs to
     visual_of_row: torch.Tensor | None = None  # [N] its visual index (0..N0-1), or -1 for text

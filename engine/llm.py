@@ -25,9 +25,12 @@ from scheduler.scheduler import Scheduler
 from .config import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, EngineConfig
 from .errors import ConcurrentUseError, EngineError, RequestError
 from .model_runner import ModelRunner
+from .chat import run_chat
 from .outputs import RequestOutput, TextState, request_stats
+from .parallel_sampling import Families
 from .processor import InputProcessor
-from .sampling import SamplingBatch, SamplingParams, sample
+from .progress import Progress
+from .sampling import SamplingBatch, SamplingParams, penalty_batch, sample
 from scheduler.sequence import Sequence, Status
 
 log = logging.getLogger("st3")
@@ -115,6 +118,7 @@ class LLM:
         self._texts: dict[str, TextState] = {}
         self._owned: set[str] = set()  # ids that generate()/stream() collect themselves
         self._errors: dict[str, str] = {}  # owned ids whose step failed -> message
+        self._families = Families()  # n > 1 requests and their completions
         self._ids = itertools.count()
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -169,27 +173,37 @@ class LLM:
                        eos_ids=frozenset() if params.ignore_eos else self.eos_ids, num_visual=p.num_visual)
         # Worst case: every layer's prefill entries plus one entry per generated token but the last.
         # A request that cannot fit even alone would be preempted and recomputed forever.
-        grow = min(params.max_tokens, self.max_model_len - seq.prompt_len) - 1
+        grow = min(params.max_tokens or self.max_model_len, self.max_model_len - seq.prompt_len) - 1
         need = self.cache.blocks_for([n + grow for n in self.scheduler.prefill_lens(seq)])
         total = self.cache.pool.num_blocks
         if need > total:
             raise RequestError(f"request needs up to {need} KV blocks (prompt + max_tokens={params.max_tokens}), "
                                f"the pool has only {total} (raise num_kv_blocks, lower max_tokens or use a "
                                "pruning policy)")
-        self._seqs[rid] = seq
-        self._texts[rid] = TextState(self.tokenizer)
+        seq.prompt = p.prompt
+        if params.n > 1:
+            self._families.add(seq)
+        self._register(seq, owned=False)
         self.scheduler.add(seq)
         return rid
+
+    def _register(self, seq: Sequence, owned: bool) -> None:
+        self._seqs[seq.request_id] = seq
+        self._texts[seq.request_id] = TextState(self.tokenizer)
+        if owned:
+            self._owned.add(seq.request_id)
 
     @_exclusive
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
-        seq = self._seqs.get(str(request_id))
-        if seq is not None and not seq.is_finished:
+        rid = str(request_id)
+        seqs = self._families.stop_forking(rid) or [self._seqs.get(rid)]
+        live = [s for s in seqs if s is not None and not s.is_finished]
+        for seq in live:
             self.scheduler.finish(seq, "abort")
             seq.finish_time = time.perf_counter()
-            if seq.request_id not in self._owned:
-                self._forget(seq.request_id)
+        if live and rid not in self._owned:
+            self._forget(rid)
 
     def has_unfinished(self) -> bool:
         """Whether step() has anything left to do or to hand over."""
@@ -220,6 +234,8 @@ class LLM:
         budgets = self.scheduler.eviction_budgets(seqs)
         try:
             logits, eviction = (self.runner.prefill if is_prefill else self.runner.decode)(seqs, budgets)
+            if is_prefill and self._families:
+                seqs, logits, eviction = self._families.fork(self, seqs, logits, eviction)
             tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
             tokens_l, new_lens = read_back(tokens, eviction)
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
@@ -259,7 +275,7 @@ class LLM:
             outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq), held[b]))
             if seq.is_finished and seq.request_id not in self._owned:
                 self._forget(seq.request_id)  # add_request/step users got their last output
-        return outputs
+        return self._families.merge(outputs)  # one output per request (n > 1: its completions together)
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> list[RequestOutput]:
         """Finish a failed step's requests with finish_reason "error" and free their blocks."""
@@ -295,39 +311,49 @@ class LLM:
                              torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen,
                              all_greedy=all(s.params.temperature == 0 for s in seqs),
                              needs_filter=any(s.params.top_p < 1 or 0 < s.params.top_k < vocab or s.params.min_p > 0
-                                              for s in seqs))
+                                              for s in seqs),
+                             **penalty_batch(seqs, vocab, col, dev))
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         text = self._texts[seq.request_id]
         hit_stop_string = text.append(seq, tok)
         reason = "stop" if hit_stop_string or tok in seq.eos_ids or tok in seq.params.stop_token_ids else None
-        if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
+        if reason is None and (len(seq.output_ids) >= (seq.params.max_tokens or self.max_model_len)
                                or seq.prompt_len + len(seq.output_ids) >= self.max_model_len):
             reason = "length"
         if reason is None:
             return
-        if not hit_stop_string:
-            text.flush(seq)
+        if not hit_stop_string and text.flush(seq):
+            reason = "stop"  # the held-back tail (an open byte run) completed a stop string
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
 
     def _output(self, seq: Sequence, delta: str = "", blocks_now: int | None = None) -> RequestOutput:
+        if self._families.of(seq) is not None:
+            return self._families.output(self, seq, delta, blocks_now)
+        return self._single_output(seq, delta, blocks_now)
+
+    def _single_output(self, seq: Sequence, delta: str = "", blocks_now: int | None = None) -> RequestOutput:
         if blocks_now is None:
             blocks_now = self.cache.blocks_held(seq.seat) if seq.seat is not None else 0
         return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason,
                              list(seq.logprobs) if seq.params.logprobs is not None else None,
-                             request_stats(seq, blocks_now, self.policy.name), delta=delta)
+                             request_stats(seq, blocks_now, self.policy.name), delta=delta,
+                             prompt=seq.prompt, prompt_token_ids=seq.prompt_ids)
 
     # ---- convenience ------------------------------------------------------------------------
     @_exclusive
-    def generate(self, requests: dict | list, params: SamplingParams | list | None = None) -> list[RequestOutput]:
-        """Run requests to completion; outputs in submission order.
+    def generate(self, prompts: dict | str | list, sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run requests to completion; outputs in submission order (vLLM's LLM.generate).
 
         A single request that is bad raises RequestError. In a list, a bad request gets an output with
-        finish_reason "error" (and `.error`) while the others run normally.
+        finish_reason "error" (and `.error`) while the others run normally. A list shows a tqdm progress
+        bar when tqdm is installed and use_tqdm is True; nothing is printed otherwise.
         """
-        single = not isinstance(requests, list)
-        reqs = [requests] if single else requests
+        single = not isinstance(prompts, list)
+        reqs = [prompts] if single else prompts
+        params = sampling_params
         if isinstance(params, list):
             if len(params) != len(reqs):
                 raise RequestError(f"{len(reqs)} requests but {len(params)} SamplingParams")
@@ -346,25 +372,48 @@ class LLM:
                 ids.append(rid)
                 errors[rid] = str(e)
         pending = {i for i in ids if i not in errors}
+        progress = Progress(len(reqs), use_tqdm and not single)
+        progress.update(len(errors))
         while pending:
             self._drive()
-            pending = {i for i in pending if not self._seqs[i].is_finished}
+            done = {i for i in pending if self._done(i)}
+            pending -= done
+            made = sum(len(s.output_ids) for i in done for s in self._families.members(i, self._seqs))
+            progress.update(len(done), made)
+        progress.close()
         return [RequestOutput(i, "", [], "error", error=errors[i]) if i in errors else self._pop(i) for i in ids]
 
+    def chat(self, messages: list, sampling_params: SamplingParams | list | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer OpenAI-style conversations on the LLaVA-1.5 template (vLLM's LLM.chat).
+
+        `messages` is one conversation (a list of {"role", "content"} dicts) or a list of them; content
+        parts are text, image_url (data: URI or path), image_pil and image (see engine/chat.py).
+        """
+        return run_chat(self, messages, sampling_params, use_tqdm)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (encode / decode / chat_prompt)."""
+        return self.tokenizer
+
     def stream(self, request: dict | str, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield outputs for one request as its text grows (deltas never split a character)."""
+        """Yield outputs for one request as its text grows; deltas are final (never taken back)."""
         rid = self.add_request(request, params)
         self._owned.add(rid)
         try:
-            while not self._seqs[rid].is_finished:
+            while not self._done(rid):
                 for out in self._drive():
-                    if out.request_id == rid and (out.delta or out.finished):
+                    if out.request_id == rid and (any(c.delta for c in out.outputs) or out.finished):
                         yield out
             # Finished by abort or by another request's step.
         finally:
-            if not self._seqs[rid].is_finished:
+            if not self._done(rid):
                 self.abort(rid)
             self._pop(rid)
+
+    def _done(self, rid: str) -> bool:
+        fam = self._families.of(rid)
+        return fam.done if fam is not None else self._seqs[rid].is_finished
 
     def _pop(self, rid: str) -> RequestOutput:
         out = self._output(self._seqs[rid])
@@ -373,8 +422,14 @@ class LLM:
         return out
 
     def _forget(self, rid: str) -> None:
-        del self._seqs[rid], self._texts[rid]
-        self._owned.discard(rid)
+        fam = self._families.of(self._seqs[rid])
+        if fam is not None and not fam.done:
+            return  # a completion finished before its siblings: the request is forgotten as a whole
+        for seq in self._families.members(self._seqs[rid].parent_id or rid, self._seqs):
+            del self._seqs[seq.request_id], self._texts[seq.request_id]
+            self._owned.discard(seq.request_id)
+        if fam is not None:
+            del self._families.by_id[fam.members[0].request_id]
 
     def kv_stats(self) -> dict:
         """Pool occupancy in blocks (a block = block_size tokens of one layer)."""

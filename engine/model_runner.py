@@ -170,9 +170,9 @@ class ModelRunner:
         if self.graphs is not None:
             logits = self.graphs.replay(rows, width, scored)
         else:
-            layer_widths = None if static else (-(-lens.max(0).values // self.cache.block_size)).tolist()
+            layer_lens = None if static else lens.max(0).values.tolist()
             logits = self.decode_forward(*self.buffers.view(rows, width),
-                                         self.decode_score_layers if scored else (), layer_widths)
+                                         self.decode_score_layers if scored else (), layer_lens)
         if not scored:
             return logits[:n], None
         new_lens, overflow = self.evict_step(rows, width, cap_bucket(evict_budgets[1]))
@@ -180,18 +180,18 @@ class ModelRunner:
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: tuple[int, ...],
-                       layer_widths: list[int] | None = None) -> torch.Tensor:
+                       layer_lens: list[int] | None = None) -> torch.Tensor:
         """The decode forward proper: tensors in, logits out, no host synchronisation (graph-capturable).
 
-        Score rows land in the static `buffers.scores`. `layer_widths` (eager only) trims each layer's
-        block tables to the blocks it really uses.
+        Score rows land in the static `buffers.scores`. `layer_lens` (eager only) trims each layer's
+        gather to the entries it really holds.
         """
         rows = input_ids.shape[0]
         scores = self.buffers.scores[:rows]
         if score_layers:
             scores.zero_()
         batch = ForwardBatch(self.attention, False, block_tables, context_lens, score_layers, scores,
-                             slot_mapping=slot_mapping, layer_widths=layer_widths)
+                             slot_mapping=slot_mapping, layer_lens=layer_lens)
         h = self.lm.model(self.lm.model.embed_tokens(input_ids), positions, batch)
         return self.lm.logits(h)
 

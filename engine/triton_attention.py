@@ -27,6 +27,15 @@ except ImportError:  # CPU builds of torch come without Triton
 
 if triton is not None:
     @triton.jit
+    def _block_logits(q, k_ptr, tables, j, length, g, num_kv_heads, scale, t, d, D: tl.constexpr, BS: tl.constexpr):
+        """Block j of a layer: its id, which of its entries are valid, their K/V offsets, and q . k * scale."""
+        blk = tl.load(tables + j)
+        tmask = (j * BS + t) < length
+        kv_off = ((blk * BS + t[:, None]) * num_kv_heads + g) * D + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        return blk, tmask, kv_off, tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, vis_ptr, part_ptr, layer,
                              stride_tb, stride_tl, stride_lb, num_kv_heads, n_vis, scale, REP: tl.constexpr,
                              REP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SCORES: tl.constexpr):
@@ -42,12 +51,9 @@ if triton is not None:
         m = tl.full([REP_P2], float("-inf"), tl.float32)
         denom = tl.zeros([REP_P2], tl.float32)
         acc = tl.zeros([REP_P2, D], tl.float32)
+        tables = tables_ptr + b * stride_tb + layer * stride_tl
         for j in range(0, tl.cdiv(length, BS)):
-            blk = tl.load(tables_ptr + b * stride_tb + layer * stride_tl + j)
-            tmask = (j * BS + t) < length
-            kv_off = ((blk * BS + t[:, None]) * num_kv_heads + g) * D + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+            blk, tmask, kv_off, s = _block_logits(q, k_ptr, tables, j, length, g, num_kv_heads, scale, t, d, D, BS)
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
@@ -60,11 +66,8 @@ if triton is not None:
         tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
         if SCORES:
             for j in range(0, tl.cdiv(length, BS)):
-                blk = tl.load(tables_ptr + b * stride_tb + layer * stride_tl + j)
-                tmask = (j * BS + t) < length
-                kv_off = ((blk * BS + t[:, None]) * num_kv_heads + g) * D + d[None, :]
-                k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-                s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+                blk, tmask, kv_off, s = _block_logits(q, k_ptr, tables, j, length, g, num_kv_heads, scale, t, d, D,
+                                                      BS)
                 p = tl.exp(s - m[:, None]) / denom[:, None]
                 p = tl.sum(tl.where(rmask[:, None] & tmask[None, :], p, 0.0), axis=0)   # [BS]
                 vis = tl.load(vis_ptr + blk * BS + t, mask=tmask, other=-1)

@@ -46,6 +46,9 @@ class Sequence:
     kv_peak_blocks: int = 0
     kv_blocks_final: int = 0
     visual_per_layer: list[int] = field(default_factory=list)
+    prompt: str | None = None           # the prompt text, if the request gave one (RequestOutput.prompt)
+    parent_id: str | None = None        # n > 1: the request this completion belongs to
+    index: int = 0                      # n > 1: which of the n completions this is
 
     @property
     def prompt_len(self) -> int:
