@@ -1,14 +1,12 @@
 """LLM: the public engine. add_request / step / generate / stream / abort / kv_stats."""
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -22,50 +20,21 @@ from models.tokenizer import Tokenizer
 from scheduler.policy import Full, make_policy
 from scheduler.scheduler import Scheduler
 
-from .config import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION, EngineConfig
-from .errors import ConcurrentUseError, EngineError, RequestError
+from .config import EngineConfig, kv_pool_blocks
+from .entrypoints import Entrypoints
+from .errors import EngineError, RequestError
 from .model_runner import ModelRunner
-from .chat import run_chat
 from .outputs import RequestOutput, TextState, request_stats
 from .parallel_sampling import Families
 from .processor import InputProcessor
-from .progress import Progress
-from .sampling import SamplingBatch, SamplingParams, penalty_batch, sample
+from .sampling import SamplingParams, sample, sampling_batch
+from .thread_guard import exclusive
 from scheduler.sequence import Sequence, Status
 
 log = logging.getLogger("st3")
 
 
-def _exclusive(method):
-    """Refuse a call while another thread is inside the LLM (the same thread may re-enter)."""
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        if not self._lock.acquire(blocking=False):
-            name = {"_drive": "stream"}.get(method.__name__, method.__name__)
-            raise ConcurrentUseError(
-                f"LLM.{name}() called from a second thread while another thread is inside the LLM; "
-                "LLM is single-threaded: use engine.AsyncLLM to serve requests from several threads or event "
-                "loops")
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._lock.release()
-    return guarded
-
-
-def read_back(tokens: torch.Tensor, eviction: tuple[torch.Tensor, torch.Tensor] | None
-              ) -> tuple[list[int], torch.Tensor | None]:
-    """The step's one device-to-host transfer: sampled tokens, plus the per-layer lengths an eviction left."""
-    if eviction is None:
-        return tokens.tolist(), None
-    new_lens, overflow = eviction
-    host = torch.cat([tokens.view(-1, 1).long(), new_lens, overflow.long().expand(len(tokens), 1)], 1).cpu()
-    if len(tokens) and bool(host[0, -1]):
-        raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
-    return host[:, 0].tolist(), host[:, 1:-1]
-
-
-class LLM:
+class LLM(Entrypoints):
     """A LLaVA model served with continuous batching over a layer-aware paged KV cache."""
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
@@ -101,7 +70,7 @@ class LLM:
             self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
         else:
             raise EngineError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
-        pool = BlockPool(self._num_blocks(), block_size, text.num_key_value_heads, text.head_dim,
+        pool = BlockPool(kv_pool_blocks(self.config, self.model_config, self.model, self.max_model_len), block_size, text.num_key_value_heads, text.head_dim,
                          self.config.torch_dtype, dev)
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
@@ -126,27 +95,8 @@ class LLM:
         # the next step() hands them over first.
         self._undelivered: list[RequestOutput] = []
 
-    def _num_blocks(self) -> int:
-        c, t = self.config, self.model_config.text
-        if c.num_kv_blocks is not None:
-            return c.num_kv_blocks
-        per_block = BlockPool.bytes_per_block(c.block_size, t.num_key_value_heads, t.head_dim, c.torch_dtype)
-        cap = c.max_num_seqs * t.num_hidden_layers * -(-self.max_model_len // c.block_size)
-        if c.torch_device.type == "cuda":
-            # Size the pool after the vision tower has run at full batch, so its activations stay free.
-            v = self.model_config.vision
-            with torch.inference_mode():
-                self.model.encode_images(torch.zeros(min(c.max_num_seqs, 16), 3, v.image_size, v.image_size,
-                                                     device=c.torch_device, dtype=c.torch_dtype))
-            torch.cuda.synchronize(c.torch_device)
-            free, _ = torch.cuda.mem_get_info(c.torch_device)
-            budget = int(free * GPU_MEMORY_UTILIZATION) - (1 << 30)  # leave room for activations
-        else:
-            budget = CPU_KV_CACHE_BYTES
-        return max(1, min(cap, budget // per_block))
-
     # ---- requests ---------------------------------------------------------------------------
-    @_exclusive
+    @exclusive
     def add_request(self, request: dict | str, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue one request; returns its id. Bad requests raise RequestError."""
@@ -193,7 +143,7 @@ class LLM:
         if owned:
             self._owned.add(seq.request_id)
 
-    @_exclusive
+    @exclusive
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
         rid = str(request_id)
@@ -210,7 +160,7 @@ class LLM:
         return self.scheduler.has_work or bool(self._undelivered)
 
     # ---- the loop ---------------------------------------------------------------------------
-    @_exclusive
+    @exclusive
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward (under ST3 ending with the next token's eviction), sample, postprocess.
 
@@ -220,7 +170,7 @@ class LLM:
         held_over, self._undelivered = self._undelivered, []
         return held_over + self._step()
 
-    @_exclusive
+    @exclusive
     def _drive(self) -> list[RequestOutput]:
         """One step for generate()/stream(): keeps the outputs of requests they do not own for step()."""
         outs = self._step()
@@ -236,8 +186,8 @@ class LLM:
             logits, eviction = (self.runner.prefill if is_prefill else self.runner.decode)(seqs, budgets)
             if is_prefill and self._families:
                 seqs, logits, eviction = self._families.fork(self, seqs, logits, eviction)
-            tokens, logprobs = sample(logits, self._sampling_batch(seqs, logits.shape[-1]))
-            tokens_l, new_lens = read_back(tokens, eviction)
+            tokens, logprobs = sample(logits, sampling_batch(seqs, logits.shape[-1], self.config.torch_device))
+            tokens_l, new_lens = self.runner.read_back(tokens, eviction)
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
             return self._fail(seqs, e)
         peak = self.cache.blocks_held_many([s.seat for s in seqs])  # before the eviction returns blocks
@@ -294,26 +244,6 @@ class LLM:
                 self._forget(seq.request_id)
         return outputs
 
-    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
-        dev = self.config.torch_device
-        col = lambda f, dt=torch.float32: torch.tensor([f(s.params) for s in seqs], dtype=dt, device=dev)  # noqa
-        seen = None
-        if any(s.params.repetition_penalty != 1.0 for s in seqs):
-            seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
-            for b, s in enumerate(seqs):
-                ids = [t for t in s.prompt_ids + s.output_ids[:s.cursor] if 0 <= t < vocab]
-                seen[b, ids] = True
-        return SamplingBatch(col(lambda p: p.temperature), col(lambda p: p.top_p),
-                             # A top_k at or past the vocabulary keeps everything: no limit (and no int64 overflow).
-                             col(lambda p: p.top_k if p.top_k < vocab else -1, torch.int64), col(lambda p: p.min_p),
-                             col(lambda p: p.repetition_penalty),
-                             torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-                             torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen,
-                             all_greedy=all(s.params.temperature == 0 for s in seqs),
-                             needs_filter=any(s.params.top_p < 1 or 0 < s.params.top_k < vocab or s.params.min_p > 0
-                                              for s in seqs),
-                             **penalty_batch(seqs, vocab, col, dev))
-
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         text = self._texts[seq.request_id]
         hit_stop_string = text.append(seq, tok)
@@ -340,76 +270,6 @@ class LLM:
                              list(seq.logprobs) if seq.params.logprobs is not None else None,
                              request_stats(seq, blocks_now, self.policy.name), delta=delta,
                              prompt=seq.prompt, prompt_token_ids=seq.prompt_ids)
-
-    # ---- convenience ------------------------------------------------------------------------
-    @_exclusive
-    def generate(self, prompts: dict | str | list, sampling_params: SamplingParams | list | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run requests to completion; outputs in submission order (vLLM's LLM.generate).
-
-        A single request that is bad raises RequestError. In a list, a bad request gets an output with
-        finish_reason "error" (and `.error`) while the others run normally. A list shows a tqdm progress
-        bar when tqdm is installed and use_tqdm is True; nothing is printed otherwise.
-        """
-        single = not isinstance(prompts, list)
-        reqs = [prompts] if single else prompts
-        params = sampling_params
-        if isinstance(params, list):
-            if len(params) != len(reqs):
-                raise RequestError(f"{len(reqs)} requests but {len(params)} SamplingParams")
-            plist = params
-        else:
-            plist = [params] * len(reqs)
-        ids, errors = [], {}
-        for r, p in zip(reqs, plist):
-            try:
-                ids.append(self.add_request(r, p))
-                self._owned.add(ids[-1])
-            except RequestError as e:
-                if single:
-                    raise
-                rid = f"error-{next(self._ids)}"
-                ids.append(rid)
-                errors[rid] = str(e)
-        pending = {i for i in ids if i not in errors}
-        progress = Progress(len(reqs), use_tqdm and not single)
-        progress.update(len(errors))
-        while pending:
-            self._drive()
-            done = {i for i in pending if self._done(i)}
-            pending -= done
-            made = sum(len(s.output_ids) for i in done for s in self._families.members(i, self._seqs))
-            progress.update(len(done), made)
-        progress.close()
-        return [RequestOutput(i, "", [], "error", error=errors[i]) if i in errors else self._pop(i) for i in ids]
-
-    def chat(self, messages: list, sampling_params: SamplingParams | list | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Answer OpenAI-style conversations on the LLaVA-1.5 template (vLLM's LLM.chat).
-
-        `messages` is one conversation (a list of {"role", "content"} dicts) or a list of them; content
-        parts are text, image_url (data: URI or path), image_pil and image (see engine/chat.py).
-        """
-        return run_chat(self, messages, sampling_params, use_tqdm)
-
-    def get_tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (encode / decode / chat_prompt)."""
-        return self.tokenizer
-
-    def stream(self, request: dict | str, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield outputs for one request as its text grows; deltas are final (never taken back)."""
-        rid = self.add_request(request, params)
-        self._owned.add(rid)
-        try:
-            while not self._done(rid):
-                for out in self._drive():
-                    if out.request_id == rid and (any(c.delta for c in out.outputs) or out.finished):
-                        yield out
-            # Finished by abort or by another request's step.
-        finally:
-            if not self._done(rid):
-                self.abort(rid)
-            self._pop(rid)
 
     def _done(self, rid: str) -> bool:
         fam = self._families.of(rid)

@@ -86,6 +86,18 @@ class ModelRunner:
         return logits, evict(self.pool, self.plan, policy, batch.block_tables, batch.context_lens, batch.scores,
                              torch.tensor(due, device=dev), cap_bucket(bound))
 
+    @staticmethod
+    def read_back(tokens: torch.Tensor, eviction: tuple[torch.Tensor, torch.Tensor] | None
+                  ) -> tuple[list[int], torch.Tensor | None]:
+        """The step's one device-to-host transfer: sampled tokens, plus the per-layer lengths an eviction left."""
+        if eviction is None:
+            return tokens.tolist(), None
+        new_lens, overflow = eviction
+        host = torch.cat([tokens.view(-1, 1).long(), new_lens, overflow.long().expand(len(tokens), 1)], 1).cpu()
+        if len(tokens) and bool(host[0, -1]):
+            raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
+        return host[:, 0].tolist(), host[:, 1:-1]
+
     # ---- decode ----------------------------------------------------------------------------
     def setup_decode(self, max_num_seqs: int, max_model_len: int, use_graphs: bool) -> None:
         """Allocate the static decode buffers, and capture CUDA graphs over them when asked."""

@@ -7,8 +7,12 @@ neither batch composition nor preemption-and-replay changes what a seeded reques
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from scheduler.sequence import Sequence
 
 MAX_SEED = 2 ** 63  # seeds travel as int64 tensors
 
@@ -170,3 +174,24 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
     noise = -torch.log(uniform_noise(b.seeds, b.steps, probs.shape[-1])).to(probs.dtype)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(b.temperature == 0, greedy, sampled), logprobs
+
+
+def sampling_batch(seqs: list[Sequence], vocab: int, dev: torch.device) -> SamplingBatch:
+    """The batch's sampling parameters as tensors on `dev`."""
+    col = lambda f, dt=torch.float32: torch.tensor([f(s.params) for s in seqs], dtype=dt, device=dev)  # noqa
+    seen = None
+    if any(s.params.repetition_penalty != 1.0 for s in seqs):
+        seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
+        for b, s in enumerate(seqs):
+            ids = [t for t in s.prompt_ids + s.output_ids[:s.cursor] if 0 <= t < vocab]
+            seen[b, ids] = True
+    return SamplingBatch(col(lambda p: p.temperature), col(lambda p: p.top_p),
+                         # A top_k at or past the vocabulary keeps everything: no limit (and no int64 overflow).
+                         col(lambda p: p.top_k if p.top_k < vocab else -1, torch.int64), col(lambda p: p.min_p),
+                         col(lambda p: p.repetition_penalty),
+                         torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                         torch.tensor([s.cursor for s in seqs], dtype=torch.int64, device=dev), seen,
+                         all_greedy=all(s.params.temperature == 0 for s in seqs),
+                         needs_filter=any(s.params.top_p < 1 or 0 < s.params.top_k < vocab or s.params.min_p > 0
+                                          for s in seqs),
+                         **penalty_batch(seqs, vocab, col, dev))
