@@ -6,8 +6,9 @@ ST3 keeps a different number of visual tokens per layer. Entries carry their RoP
 order in a layer does not matter to decode attention, and `trim` may fill holes with tail entries.
 
 The tables live on the CPU (host bookkeeping, vectorised); the model runner copies the rows it
-needs to the device each step. For VTA the host also mirrors which visual token each prefill entry
-holds (`visual`), so deciding what to evict never waits on the device.
+needs to the device each step. Which visual token an entry holds lives only on the device, in the
+pool's `visual_index`: VTA's eviction runs there (engine/eviction.py) and the host learns just the
+new lengths, with which `shrink` returns the emptied tail blocks.
 """
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ class LayeredKVCache:
         self.tables = torch.zeros(max_num_seqs, num_layers, self.max_blocks, dtype=torch.int64)
         self.lens = torch.zeros(max_num_seqs, num_layers, dtype=torch.int64)
         self._free_seats = list(range(max_num_seqs - 1, -1, -1))
-        # [seat, layer, entry] visual index (-1 = text), filled after prefill for VTA. Entries past
-        # the widest prefill seen are generated tokens, never visual, so it grows only that wide.
-        self.visual = torch.full((max_num_seqs, num_layers, 0), -1, dtype=torch.int32)
 
     # ---- accounting -------------------------------------------------------------------------
     def blocks_for(self, lens: list[int] | torch.Tensor) -> int:
@@ -47,17 +45,40 @@ class LayeredKVCache:
     # ---- allocation -------------------------------------------------------------------------
     def allocate(self, lens: list[int]) -> int:
         """Give a new sequence a seat and blocks for `lens[l]` entries per layer; return the seat."""
-        seat = self._free_seats.pop()
         n = -(-torch.as_tensor(lens) // self.block_size)
         if int(n.max()) > self.max_blocks:
             raise ValueError("sequence is longer than the cache's max_model_len")
-        blocks = torch.tensor(self.pool.allocate(int(n.sum())), dtype=torch.int64)
+        if not self._free_seats:
+            raise ValueError("no free seat: max_num_seqs sequences already hold the cache")
+        blocks = torch.tensor(self.pool.allocate(int(n.sum())), dtype=torch.int64)  # raises before taking any
+        seat = self._free_seats.pop()  # only once nothing can fail, so a failure leaks no seat
         cols = torch.arange(self.max_blocks)
         mask = cols[None, :] < n[:, None]                    # [L, max_blocks] row-major = allocation order
         self.tables[seat].zero_()
         self.tables[seat][mask] = blocks
         self.lens[seat] = torch.as_tensor(lens)
         return seat
+
+    def fork(self, seat: int) -> int:
+        """A new seat holding a copy of every layer's entries of `seat` (n > 1 completions, one prefill).
+
+        Copies, not shared blocks: ST3's eviction compacts each (seat, layer) in place and shrink() frees
+        its tail blocks, so a block shared by two seats would be rewritten or freed under the other one;
+        sharing (copy-on-write) would need per-block reference counts that eviction and free respect.
+        A prompt's copy is cheap next to the prefill it saves.
+        """
+        lens = self.lens[seat].clone()
+        new = self.allocate(lens.tolist())
+        n = -(-lens // self.block_size)
+        held = torch.arange(self.max_blocks)[None, :] < n[:, None]          # [L, max_blocks]
+        offsets = torch.arange(self.block_size)
+        src = (self.tables[seat][held][:, None] * self.block_size + offsets).view(-1)
+        dst = (self.tables[new][held][:, None] * self.block_size + offsets).view(-1)
+        pool = self.pool
+        src, dst = src.to(pool.k.device), dst.to(pool.k.device)
+        for t in (pool.k, pool.v, pool.visual_index):
+            t.index_copy_(0, dst, t.index_select(0, src))
+        return new
 
     def slots(self, seat: int, layer: int, n: int) -> torch.Tensor:
         """Slot ids of entries 0..n-1 of (seat, layer)."""
@@ -92,79 +113,21 @@ class LayeredKVCache:
         mask = torch.arange(self.max_blocks)[None, :] < n[:, None]
         self.pool.free(self.tables[seat][mask].tolist())
         self.lens[seat] = 0
-        self.visual[seat] = -1
         self._free_seats.append(seat)
 
-    # ---- trimming ---------------------------------------------------------------------------
-    def layer_slots(self, seats: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of every entry of every layer of these seats as [B, L, maxlen] (padded), and the valid mask."""
-        lens = self.lens[seats]
-        idx = torch.arange(int(lens.max()))
-        slots = self.tables[seats][:, :, idx // self.block_size] * self.block_size + idx % self.block_size
-        return slots, idx < lens[..., None]
+    # ---- eviction ---------------------------------------------------------------------------
+    def shrink(self, seats: list[int], new_lens: torch.Tensor) -> int:
+        """Lengths after a device-side eviction ([B, L], never longer): return the emptied tail blocks.
 
-    def record_visual(self, seats: list[int]) -> None:
-        """Copy the device's per-slot visual index of these seats' entries to the host mirror (after prefill)."""
-        if not seats:
-            return
-        slots, valid = self.layer_slots(seats)
-        vis = self.pool.visual_index.index_select(0, slots.view(-1).to(self.pool.visual_index.device))
-        vis = torch.where(valid, vis.cpu().view_as(slots), -1)
-        if vis.shape[2] > self.visual.shape[2]:
-            with torch.inference_mode(False):  # a normal tensor: the scheduler updates it outside inference mode
-                grown = torch.full((*self.visual.shape[:2], vis.shape[2]), -1, dtype=torch.int32)
-                grown[:, :, :self.visual.shape[2]] = self.visual
-            self.visual = grown
-        self.visual[seats] = -1
-        self.visual[seats, :, :vis.shape[2]] = vis
-
-    def _mirror(self, seats: list[int], width: int) -> torch.Tensor:
-        """The host mirror of these seats over entries 0..width-1 as a fresh [B, L, width] (-1 past its columns)."""
-        vis = torch.full((len(seats), self.num_layers, width), -1, dtype=torch.int32)
-        w = min(self.visual.shape[2], width)
-        vis[:, :, :w] = self.visual[seats, :, :w]
-        return vis
-
-    def entry_visual(self, seats: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Visual index of every entry of these seats as [B, L, maxlen] (-1: text, generated, padding), slots, valid."""
-        slots, valid = self.layer_slots(seats)
-        return torch.where(valid, self._mirror(seats, slots.shape[2]), -1), slots, valid
-
-    def trim(self, seats: list[int], remove: torch.Tensor,
-             slots_valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Remove entries (mask [B, L, maxlen] over layer_slots(seats)) from every layer of every seat.
-
-        Holes below each layer's new length are filled by that layer's surviving tail entries, so only
-        as many entries move as are removed, and the emptied tail blocks go back to the pool. Returns
-        (blocks freed, dst slots, src slots): the caller must `move(dst, src)` before the pool hands
-        out blocks again (the sources sit in freed blocks). `slots_valid`: layer_slots(seats), if at hand.
+        The eviction already compacted every layer's survivors into entries 0..new_len-1 on the device,
+        before this host call could learn the lengths, so the freed blocks hold nothing still to be read.
         """
-        slots, valid = slots_valid if slots_valid is not None else self.layer_slots(seats)
-        remove = remove & valid
         old = self.lens[seats]
-        new = old - remove.sum(2)
-        below = torch.arange(slots.shape[2]) < new[..., None]
-        holes, sources = remove & below, ~remove & valid & ~below
-        # Row-major nonzero pairs the k-th hole of a (seat, layer) with the k-th source of the same one.
-        dst, src = slots[holes], slots[sources]
-        w = min(self.visual.shape[2], slots.shape[2])
-        if w:
-            vis = self._mirror(seats, slots.shape[2])
-            vis[holes] = vis[sources]
-            vis[~below] = -1  # later appends land here, and they are not visual
-            self.visual[seats, :, :w] = vis[:, :, :w]
-        old_blocks, new_blocks = -(-old // self.block_size), -(-new // self.block_size)
+        if bool((new_lens > old).any()):
+            raise RuntimeError("an eviction cannot lengthen a layer")
+        old_blocks, new_blocks = -(-old // self.block_size), -(-new_lens // self.block_size)
         cols = torch.arange(self.max_blocks)
         freed = self.tables[seats][(cols >= new_blocks[..., None]) & (cols < old_blocks[..., None])]
         self.pool.free(freed.tolist())
-        self.lens[seats] = new
-        return freed.numel(), dst, src
-
-    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy entries (K, V and visual index) from src slots to dst slots on the device."""
-        if dst.numel():
-            pool = self.pool
-            dst, src = dst.to(pool.k.device), src.to(pool.k.device)
-            pool.k.index_copy_(0, dst, pool.k.index_select(0, src))
-            pool.v.index_copy_(0, dst, pool.v.index_select(0, src))
-            pool.visual_index.index_copy_(0, dst, pool.visual_index.index_select(0, src))
+        self.lens[seats] = new_lens
+        return freed.numel()

@@ -5,6 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cache.block_pool import BlockPool
+from models.config import LlavaConfig
+from models.llava import LlavaForConditionalGeneration
+
 from .errors import ArgumentError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -100,3 +104,25 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+
+def kv_pool_blocks(c: EngineConfig, cfg: LlavaConfig, model: LlavaForConditionalGeneration, max_model_len: int
+                   ) -> int:
+    """KV blocks for the pool: as asked, else what fits the memory budget (never more than max_num_seqs can use)."""
+    t = cfg.text
+    if c.num_kv_blocks is not None:
+        return c.num_kv_blocks
+    per_block = BlockPool.bytes_per_block(c.block_size, t.num_key_value_heads, t.head_dim, c.torch_dtype)
+    cap = c.max_num_seqs * t.num_hidden_layers * -(-max_model_len // c.block_size)
+    if c.torch_device.type == "cuda":
+        # Size the pool after the vision tower has run at full batch, so its activations stay free.
+        v = cfg.vision
+        with torch.inference_mode():
+            model.encode_images(torch.zeros(min(c.max_num_seqs, 16), 3, v.image_size, v.image_size,
+                                            device=c.torch_device, dtype=c.torch_dtype))
+        torch.cuda.synchronize(c.torch_device)
+        free, _ = torch.cuda.mem_get_info(c.torch_device)
+        budget = int(free * GPU_MEMORY_UTILIZATION) - (1 << 30)  # leave room for activations
+    else:
+        budget = CPU_KV_CACHE_BYTES
+    return max(1, min(cap, budget // per_block))

@@ -33,15 +33,20 @@ def width_buckets(max_blocks: int, smallest: int = 16) -> list[int]:
 
 
 class DecodeBuffers:
-    def __init__(self, max_bs: int, num_layers: int, max_blocks: int, trash_slot: int, device: torch.device):
+    def __init__(self, max_bs: int, num_layers: int, max_blocks: int, trash_slot: int, device: torch.device,
+                 num_score_layers: int = 0, num_events: int = 0, max_visual: int = 0):
         self.trash_slot = trash_slot
         z = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)  # noqa: E731
         self.input_ids, self.positions = z(max_bs), z(max_bs)
         self.slot_mapping = torch.full((num_layers, max_bs), trash_slot, dtype=torch.int64, device=device)
         self.block_tables = z(max_bs, num_layers, max_blocks)
         self.context_lens = z(max_bs, num_layers)
+        # ST3: the step's score rows by visual index (+ text sink), and the next token's budgets.
+        self.scores = torch.zeros(max_bs, num_score_layers, max_visual + 1, device=device)
+        self.budgets = z(max_bs, num_events)
 
-    def fill(self, n: int, rows: int, input_ids, positions, slot_mapping, block_tables, context_lens) -> None:
+    def fill(self, n: int, rows: int, input_ids, positions, slot_mapping, block_tables, context_lens,
+             budgets: torch.Tensor | None = None) -> None:
         """Copy n live rows in and reset rows n..rows-1 to padding (slot = trash, length 0)."""
         w = block_tables.shape[-1]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -49,6 +54,8 @@ class DecodeBuffers:
         self.slot_mapping[:, :n].copy_(slot_mapping, non_blocking=True)
         self.block_tables[:n, :, :w].copy_(block_tables, non_blocking=True)
         self.context_lens[:n].copy_(context_lens, non_blocking=True)
+        if budgets is not None:
+            self.budgets[:n].copy_(budgets, non_blocking=True)
         if rows > n:
             self.input_ids[n:rows] = 0
             self.positions[n:rows] = 0
@@ -70,7 +77,7 @@ class DecodeGraphs:
 
     def __init__(self, steps: dict[bool, Callable], buffers: DecodeBuffers, max_num_seqs: int, widths: list[int]):
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[tuple[int, int, bool], torch.Tensor] = {}
         pool = None
         for width in reversed(widths):
             for bs in reversed(graph_buckets(max_num_seqs)):
@@ -85,6 +92,33 @@ class DecodeGraphs:
                     self.graphs[bs, width, variant] = g
         torch.cuda.synchronize()
 
-    def replay(self, bs: int, width: int, variant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.pool = pool
+
+    def replay(self, bs: int, width: int, variant: bool) -> torch.Tensor:
         self.graphs[bs, width, variant].replay()
         return self.outputs[bs, width, variant]
+
+
+class LazyGraphs:
+    """CUDA graphs of a step function captured on first use per key, in the decode graphs' memory pool.
+
+    For VTA's eviction: its keys (batch bucket, table width, move-list length) are too many to capture
+    up front, and each capture is cheap (no model weights involved). `neutralise` puts the static
+    inputs into a state where the warm-up run changes nothing, `restore` puts the real ones back.
+    """
+
+    def __init__(self, pool):
+        self.pool, self.graphs, self.outputs = pool, {}, {}
+
+    def run(self, key, step: Callable, neutralise: Callable[[], object], restore: Callable[[object], None]):
+        if key not in self.graphs:
+            saved = neutralise()
+            step()  # warm-up outside the capture, on inputs that make it a no-op
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.outputs[key] = step()
+            restore(saved)
+            self.graphs[key] = g
+        self.graphs[key].replay()
+        return self.outputs[key]

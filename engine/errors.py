@@ -11,3 +11,11 @@ class RequestError(EngineError, ValueError):
 
 class ArgumentError(EngineError, ValueError):
     """An LLM(...) argument the engine cannot use: an unknown dtype, a device whose backend is missing, bad sizes."""
+
+
+class ConcurrentUseError(EngineError, RuntimeError):
+    """A second thread called into an LLM while another thread was inside it."""
+
+
+class QueueFullError(EngineError):
+    """The engine's waiting queue is full; try again later (HTTP 503 in the server)."""

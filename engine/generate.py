@@ -14,15 +14,7 @@ import sys
 
 from engine import LLM, SamplingParams
 from engine.errors import EngineError
-from scheduler.policy import POLICIES
-
-# CLI option (argparse dest) -> (the policies it applies to, the policy's parameter name)
-POLICY_FLAGS = {
-    "fastv_layer": ("fastv", "layer"), "fastv_ratio": ("fastv", "ratio"),
-    "start_layer": ("pvtp st3", "start_layer"), "stride": ("pvtp st3", "stride"), "ratio": ("pvtp st3", "ratio"),
-    "min_keep": ("fastv pvtp st3", "min_keep"), "anneal_steps": ("st3", "anneal_steps"),
-    "anneal_floor": ("st3", "anneal_floor"), "anneal_curve": ("st3", "anneal_curve"),
-}
+from engine.policy_flags import add_policy_arguments, policy_from_args
 
 
 class UsageError(ValueError):
@@ -53,12 +45,9 @@ def build_parser() -> Parser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p = ap.add_argument_group("visual-token policy")
-    p.add_argument("--policy", default="full", help="full, fastv, pvtp or st3")
-    for flag, kind in [("--fastv-layer", int), ("--fastv-ratio", float), ("--start-layer", int), ("--stride", int),
-                       ("--ratio", float), ("--min-keep", int), ("--anneal-steps", int), ("--anneal-floor", float)]:
-        p.add_argument(flag, type=kind)
-    p.add_argument("--anneal-curve", choices=["linear", "cosine", "step"])
+    ap.add_argument_group("visual-token policy").add_argument("--policy", default="full",
+                                                              help="full, fastv, pvtp or st3")
+    add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     e.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
@@ -66,18 +55,6 @@ def build_parser() -> Parser:
                    help="log engine events (KV pool, attention backend, graph capture, preemptions) to stderr")
     e.add_argument("--num-kv-blocks", type=int)
     return ap
-
-
-def policy_params(args) -> dict:
-    out = {}
-    for dest, (policies, param) in POLICY_FLAGS.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if args.policy.lower() in POLICIES and args.policy.lower() not in policies.split():
-            raise UsageError(f"--{dest.replace('_', '-')} does not apply to policy {args.policy!r}")
-        out[param] = value
-    return out
 
 
 def stats_line(stats: dict) -> str:
@@ -94,7 +71,7 @@ def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop)
-    pparams = policy_params(args)
+    policy = policy_from_args(args)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("st3: %(message)s"))
@@ -104,8 +81,8 @@ def run(args) -> int:
         print("note: no --model given: using the built-in easy-VQA demo model (64x64 images of one coloured "
               "circle, rectangle or triangle; ask e.g. 'what color is the shape?' or 'describe the image.')",
               file=sys.stderr)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision, policy=args.policy,
-              policy_params=pparams, num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision, policy=policy,
+              num_kv_blocks=args.num_kv_blocks, max_num_seqs=1)
     num_images = 0 if args.image is None else 1
     prompt = args.prompt if args.raw_prompt else llm.tokenizer.chat_prompt(args.prompt, num_images)
     request = {"prompt": prompt, "image": args.image}

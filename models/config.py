@@ -92,19 +92,51 @@ class LlavaConfig:
 
 _TEXT_FIELDS = set(TextConfig.__dataclass_fields__)
 _VISION_FIELDS = set(VisionConfig.__dataclass_fields__)
+_COUNTS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "max_position_embeddings", "num_channels", "image_size", "patch_size"}
+_POSITIVE_REALS = {"rms_norm_eps", "rope_theta", "layer_norm_eps"}
+_FLAGS = {"attention_bias", "mlp_bias"}
+
+
+def _check_fields(kw: dict, where: str) -> None:
+    """ConfigError for a field of the wrong type or range, before it can fail deep inside the model."""
+    for k, v in kw.items():
+        if v is None and k in ("num_key_value_heads", "head_dim"):
+            continue
+        if k in _COUNTS and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"config.json: {where}{k} must be a positive integer, got {v!r}")
+        if k in _POSITIVE_REALS and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                     or not 0 < v < float("inf")):
+            raise ConfigError(f"config.json: {where}{k} must be a positive number, got {v!r}")
+        if k in _FLAGS and not isinstance(v, bool):
+            raise ConfigError(f"config.json: {where}{k} must be true or false, got {v!r}")
+
+
+def _int_field(v, name: str, allow_list: bool = False) -> None:
+    ok = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if not (ok(v) or allow_list and isinstance(v, list) and v and all(map(ok, v))):
+        raise ConfigError(f"config.json: {name} must be an integer{' or a list of integers' if allow_list else ''}, "
+                          f"got {v!r}")
 
 
 def _rope(d: dict) -> tuple[float, float]:
     """(theta, linear factor) from rope_theta / rope_scaling (old) or rope_parameters (transformers 5)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError("config.json: rope_parameters / rope_scaling must be objects")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    _check_fields({"rope_theta": theta}, "")
+    theta = float(theta)
     spec = params if params.get("rope_type", params.get("type")) not in (None, "default") else scaling
     kind = spec.get("rope_type", spec.get("type", "default")) if spec else "default"
     if kind == "default":
         return theta, 1.0
     if kind == "linear":
-        return theta, float(spec["factor"])
+        factor = spec.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise ConfigError(f"config.json: linear rope scaling needs a positive 'factor', got {factor!r}")
+        return theta, float(factor)
     raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported (only 'default' and 'linear')")
 
 
@@ -112,7 +144,10 @@ def _text_config(d: dict, check_model_type: bool = True) -> TextConfig:
     kw = {k: v for k, v in d.items() if k in _TEXT_FIELDS and k not in ("rope_theta", "eos_token_id")}
     kw["rope_theta"], kw["rope_scaling_factor"] = _rope(d)
     eos = d.get("eos_token_id", 2)
+    if eos is not None:
+        _int_field(eos, "eos_token_id", allow_list=True)
     kw["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    _check_fields(kw, "text ")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: text hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
     mt = d.get("model_type", "llama")
@@ -128,6 +163,7 @@ def _vision_config(d: dict | None) -> VisionConfig:
     for k in ("image_size", "patch_size"):
         if isinstance(kw.get(k), (list, tuple)):
             kw[k] = kw[k][0]
+    _check_fields(kw, "vision ")
     mt = d.get("model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "clip"):
         raise ConfigError(f"config.json: vision model_type {mt!r} is not supported (only CLIP)")
@@ -173,6 +209,8 @@ def _original_config(d: dict, model_dir: Path) -> LlavaConfig:
     vd = _read_json(vision_json) if vision_json.exists() else None
     if vd is not None and "vision_config" in vd:  # a full CLIPModel config
         vd = vd["vision_config"]
+        if not isinstance(vd, dict):
+            raise ConfigError(f"{vision_json}: vision_config must be an object")
     # The top-level model_type is LLaVA's own ("llava" / "llava_llama"), not the text model's.
     text = _text_config(d, check_model_type=False)
     text.vocab_size = d.get("vocab_size", 32000)
@@ -201,6 +239,9 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
         mt = d.get("model_type", "llava")
         if mt != "llava":
             raise ConfigError(f"config.json: model_type {mt!r} is not supported (only 'llava')")
+        for key in ("text_config", "vision_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"config.json: {key} must be an object, got {type(d[key]).__name__}")
         text = _text_config(d.get("text_config") or {})
         tie = d.get("tie_word_embeddings", (d.get("text_config") or {}).get("tie_word_embeddings", False))
         cfg = LlavaConfig(
@@ -217,6 +258,10 @@ def load_config(model_dir: str | Path) -> LlavaConfig:
 
 def _validate(cfg: LlavaConfig) -> None:
     t, v = cfg.text, cfg.vision
+    _int_field(cfg.image_token_index, "image_token_index")
+    _int_field(cfg.vision_feature_layer, "vision_feature_layer", allow_list=True)
+    if cfg.pad_token_id is not None:
+        _int_field(cfg.pad_token_id, "pad_token_id")
     if cfg.vision_feature_select_strategy not in ("default", "full"):
         raise ConfigError(f"config.json: vision_feature_select_strategy "
                           f"{cfg.vision_feature_select_strategy!r} is not supported ('default' or 'full')")

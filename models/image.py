@@ -27,6 +27,27 @@ class ImageError(ValueError):
     pass
 
 
+# Refused up front, from the header, before any decode or resize: a 1x300000 image would become a
+# 336x100800000 resize (tens of GB), and pad-to-square makes a long side squared. These bounds keep
+# every intermediate image under ~100M pixels while admitting any photo and ordinary panoramas.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_SIDE = 10_000
+MAX_ASPECT_RATIO = 20
+
+
+def check_image_size(width: int, height: int, name: str) -> None:
+    """ImageError for an image too large or too elongated to preprocess safely."""
+    if width == 0 or height == 0:
+        raise ImageError(f"{name}: image has zero size {width}x{height}")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ImageError(f"{name}: image is {width}x{height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
+                         "crop or pad it first")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageError(f"{name}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE:,} pixels a side")
+
+
 @dataclass
 class ImageProcessorConfig:
     size: int = 336  # shortest edge after resize (or both sides when resize_square)
@@ -130,6 +151,7 @@ def load_image(src) -> Image.Image:
     """An RGB PIL image from a path, raw bytes or a PIL image; any unusable input raises ValueError."""
     if isinstance(src, Image.Image):
         name, image = f"<PIL {src.mode} image>", src
+        check_image_size(image.width, image.height, name)
         try:
             image.load()
         except Exception as e:
@@ -148,8 +170,7 @@ def load_image(src) -> Image.Image:
         else:
             raise ImageError(f"load_image: expected a path, bytes or PIL image, got {type(src).__name__}")
         image = _decode(data, name)
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"{name}: image has zero size {image.width}x{image.height}")
+    check_image_size(image.width, image.height, name)
     return to_rgb(image)
 
 
@@ -161,9 +182,12 @@ def _decode(data: bytes, name: str) -> Image.Image:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as fatal.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            check_image_size(image.width, image.height, name)  # from the header: no pixel decoded yet
             image.load()  # force a full decode so truncated/corrupt data fails here, not later
             # Honour the EXIF orientation tag as transformers.image_utils.load_image does.
             return ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{name}: image too large, Pillow's decompression-bomb guard "
                          f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}) refused it: {e}") from e

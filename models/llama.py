@@ -1,11 +1,12 @@
 """LLaMA decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) with Hugging Face module names.
 
-The layers do not own their attention: each takes an `attend(layer_idx, q, k, v)` callable, so the
-same weights run the dense reference below and the engine's paged, pruned attention.
+The layers do not own their attention. One explicit per-forward object, a `ForwardContext`, travels
+through the model's single layer loop: it says how attention reads and writes keys and values, and
+may change the rows between layers. The base class is plain causal attention (the dense reference);
+the engine passes its paged, pruned `ForwardBatch` and training its packed-conversation layout, so
+all of them run the same model code.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,20 @@ from torch import nn
 
 from .config import TextConfig
 
-# attend(layer_idx, q [..., H, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., H, D]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class ForwardContext:
+    """Dense causal attention over rows [..., T, H, D]; subclasses page, prune or re-mask it."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [..., T, H, D], k and v [..., T, Hkv, D] (RoPE applied) -> [..., T, H, D]."""
+        rep = q.shape[-2] // k.shape[-2]
+        q, k, v = (t.transpose(-3, -2) for t in (q, k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
+
+    def before_layer(self, layer_idx: int, h: torch.Tensor, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (and their positions) that enter layer `layer_idx`; PVTP drops visual rows here."""
+        return h, positions
 
 
 class LlamaRMSNorm(nn.Module):
@@ -71,7 +84,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=b)
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -82,7 +95,7 @@ class LlamaAttention(nn.Module):
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(self.layer_idx, q, k, v)
+        out = ctx.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(*lead, -1))
 
 
@@ -136,8 +149,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,6 +162,17 @@ class LlamaModel(nn.Module):
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(cfg)
 
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The only layer loop: embeddings [..., T, C] at `positions` -> last hidden states (before the norm)."""
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h, kept = ctx.before_layer(i, h, positions)
+            if kept is not positions:  # rows were dropped: their rotary tables go with them
+                positions = kept
+                cos, sin = self.rotary_emb(positions, h.dtype)
+            h = layer(h, cos, sin, ctx)
+        return h
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -157,19 +181,14 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over hidden rows."""
+        return self.lm_head(self.model.norm(h))
+
+    def forward_dense(self, embeds: torch.Tensor, positions: torch.Tensor,
+                      ctx: ForwardContext | None = None) -> torch.Tensor:
         """Plain causal forward over [B, T, C] embeddings (no cache, no pruning): the reference path.
 
-        `attend` replaces causal attention, e.g. for training's packed samples (tools/train_conversations).
+        `ctx` replaces causal attention, e.g. for training's packed samples (tools/demo/conversations.py).
         """
-        def causal(_: int, q, k, v):
-            rep = q.shape[-2] // k.shape[-2]
-            q, k, v = (t.transpose(-3, -2) for t in (q, k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(-3, -2)
-
-        attend = attend or causal
-        cos, sin = self.model.rotary_emb(positions, embeds.dtype)
-        h = embeds
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, attend)
-        return self.lm_head(self.model.norm(h))
+        return self.logits(self.model(embeds, positions, ctx or ForwardContext()))

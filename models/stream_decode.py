@@ -1,5 +1,5 @@
-"""Streaming detokenization: `IncrementalDecoder` turns generated ids into text deltas without
-ever emitting half of a multi-byte character."""
+"""Streaming detokenization: `IncrementalDecoder` turns generated ids into text deltas that are
+never taken back: the deltas always join to `decode(ids)`."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ class IncrementalDecoder:
 
     Each step decodes a short window from `prefix_offset` twice, without and with the unread
     tokens, and emits the difference. Decoding both from the same start keeps SentencePiece's
-    leading-space handling consistent, and text ending in U+FFFD (an unfinished UTF-8 character
-    from byte-fallback tokens) is held back until the character completes.
+    leading-space handling consistent.
+
+    Byte-fallback pieces (<0x0A>, the bytes of an emoji) are decoded a whole run at a time, and a
+    run that is not valid UTF-8 becomes one U+FFFD per byte, so a later byte can turn text that
+    already decoded cleanly ("\n") into U+FFFD. Hence nothing is emitted while the newest id is a
+    byte piece: the run is emitted once a non-byte id closes it (or at flush()). Long byte runs
+    (text in a script the vocabulary lacks) therefore arrive a run at a time.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -38,7 +43,7 @@ class IncrementalDecoder:
         return self.tokenizer.decode(self.ids[self.prefix_offset:end], self.skip_special_tokens)
 
     def feed(self, token_id: int) -> str:
-        """Add one generated id; return the newly completed text (possibly '')."""
+        """Add one generated id; return the newly final text (possibly '')."""
         if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
             return ""  # dropping them here keeps a skipped token from ever starting a window
         self.ids.append(token_id)
@@ -51,28 +56,12 @@ class IncrementalDecoder:
     def _emit(self, force: bool) -> str:
         prefix = self._window(self.read_offset)
         text = self._window(None)
-        if not force and (len(text) <= len(prefix) or text.endswith(REPLACEMENT_CHAR) and self._unfinished_char()):
+        # The byte test comes after decoding, which has validated the id.
+        if not force and (len(text) <= len(prefix) or self.tokenizer.byte_value(self.ids[-1]) is not None):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix):]
 
-    def _unfinished_char(self) -> bool:
-        """Do the trailing byte-fallback tokens form a valid but incomplete UTF-8 character?"""
-        tail = []
-        for i in reversed(self.ids[-4:]):  # a UTF-8 character is at most 4 bytes
-            b = self.tokenizer.byte_value(i)
-            if b is None:
-                break
-            tail.append(b)
-        tail.reverse()
-        for k in range(len(tail) - 1, -1, -1):
-            b = tail[k]
-            if b & 0xC0 == 0x80:
-                continue  # continuation byte: keep looking for the lead byte
-            need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
-            return len(tail) - k < need
-        return False  # no lead byte in reach: invalid bytes, their U+FFFD is final
-
     def flush(self) -> str:
-        """Text still held back (an unfinished character at the end of the stream)."""
+        """Text still held back (an open byte run at the end of the stream)."""
         return self._emit(force=True) if self.read_offset < len(self.ids) else ""

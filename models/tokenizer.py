@@ -13,6 +13,7 @@ import operator
 from pathlib import Path
 
 # Re-exported: callers import IncrementalDecoder and REPLACEMENT_CHAR from here.
+from models.chat_template import llava_chat_prompt
 from models.jsonfile import read_json_object
 from models.stream_decode import REPLACEMENT_CHAR, IncrementalDecoder
 
@@ -139,7 +140,7 @@ class Tokenizer:
             raise TokenizerError(f"chat_prompt: question must be a str, got {type(question).__name__}")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
             raise TokenizerError(f"chat_prompt: num_images must be an int >= 0, got {num_images!r}")
-        return "USER: " + f"{IMAGE_TOKEN}\n" * num_images + question + " ASSISTANT:"
+        return llava_chat_prompt([("user", num_images, [question])])
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         """A fresh IncrementalDecoder for one generated sequence."""

@@ -5,14 +5,15 @@ One small interface, per sequence with N0 visual tokens in an L-layer decoder:
   budgets(N0, L)             G_l: visual entries layer l keeps after prefill
   decode_budgets(N0, L, t)   VTA budgets per event layer before a decode forward (None = never evict)
   score_layers(L, decode)    layers whose last-row attention scores the next forward must produce
-  evictions(...)             which visual tokens leave which event layers before a decode forward (batched)
+  evictions(...)             which visual tokens leave which event layers before a decode forward (batched,
+                             on any device: engine/eviction.py runs it inside the decode step)
 Rounding is floor(x + 0.5) everywhere; ties in a ranking go to the lower position.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,16 +41,19 @@ class Full:
     def event_layers(self, num_layers: int) -> list[int]:
         return []
 
-    @functools.lru_cache(maxsize=1024)  # policies are frozen (hashable); schedulers ask every step
     def budgets(self, n0: int, num_layers: int) -> list[int]:
         """G_l per layer: N0 below the first event layer, the schedule's budget from it on (never above N0)."""
+        return list(self._budgets(n0, num_layers))  # a copy: the cached tuple is shared by every caller
+
+    @functools.lru_cache(maxsize=1024)  # policies are frozen (hashable); schedulers ask every step
+    def _budgets(self, n0: int, num_layers: int) -> tuple[int, ...]:
         events = self.event_layers(num_layers)
         out, g = [], n0
         for layer in range(num_layers):
             if layer in events:
                 g = min(g, self._event_budget(n0, layer))
             out.append(g)
-        return out
+        return tuple(out)
 
     def _event_budget(self, n0: int, layer: int) -> int:
         return n0
@@ -83,8 +87,8 @@ class Full:
         (a token evicted at one event layer is evicted from all deeper ones too).
         """
         b, num_events, n = present.shape
-        ranks = torch.arange(n).expand(b, n)
-        gone = torch.zeros(b, n, dtype=torch.bool)
+        ranks = torch.arange(n, device=present.device).expand(b, n)
+        gone = torch.zeros(b, n, dtype=torch.bool, device=present.device)
         out = torch.zeros_like(present)
         for k in range(num_events):
             members = present[:, k] & ~gone
@@ -99,9 +103,11 @@ class Full:
 @dataclass(frozen=True)
 class FastV(Full):
     """FastV: at one layer, keep the top (1 - ratio) visual tokens by the layer below's attention, once."""
-    layer: int = 2
-    ratio: float = 0.5
-    min_keep: int = 1
+    # metadata["help"] is the text of the matching command-line flag (engine/policy_flags.py).
+    layer: int = field(default=2, metadata={"help": "the one layer that prunes, ranked by the layer below's "
+                                                    "attention"})
+    ratio: float = field(default=0.5, metadata={"help": "share of the visual tokens dropped there"})
+    min_keep: int = field(default=1, metadata={"help": "never keep fewer visual tokens than this at a layer"})
     name = "fastv"
 
     def validate(self, num_layers: int) -> None:
@@ -121,10 +127,11 @@ class FastV(Full):
 @dataclass(frozen=True)
 class PVTP(Full):
     """Progressive visual token pruning: every `stride` layers from `start_layer`, keep (1 - ratio) more."""
-    start_layer: int = 2
-    stride: int = 2
-    ratio: float = 0.3
-    min_keep: int = 1
+    start_layer: int = field(default=2, metadata={"help": "first layer that prunes (K)"})
+    stride: int = field(default=2, metadata={"help": "layers from one pruning event to the next (S)"})
+    ratio: float = field(default=0.3, metadata={"help": "share of the remaining visual tokens dropped at each "
+                                                        "event (R)"})
+    min_keep: int = field(default=1, metadata={"help": "never keep fewer visual tokens than this at a layer"})
     name = "pvtp"
 
     def validate(self, num_layers: int) -> None:
@@ -156,9 +163,11 @@ class ST3(PVTP):
       cosine  f + (1 - f) * (1 + cos(pi * min(t, T) / T)) / 2   (slow start, slow finish)
       step    1 until t reaches T, then f
     """
-    anneal_steps: int = 64
-    anneal_floor: float = 0.5
-    anneal_curve: str = "linear"
+    anneal_steps: int = field(default=64, metadata={"help": "generated tokens over which the decode budgets "
+                                                            "fall (T)"})
+    anneal_floor: float = field(default=0.5, metadata={"help": "share of each prefill budget left once the "
+                                                               "anneal is over"})
+    anneal_curve: str = field(default="linear", metadata={"help": "how the budgets fall", "choices": CURVES})
     name = "st3"
 
     def validate(self, num_layers: int) -> None:
@@ -183,12 +192,34 @@ class ST3(PVTP):
 
     def decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int] | None:
         # phi is flat after the anneal, so clamping t keeps the cache small without changing a budget.
-        return self._decode_budgets(n0, num_layers, min(t, self.anneal_steps))
+        return dict(self._decode_budgets(n0, num_layers, min(t, self.anneal_steps)))  # a copy, as budgets()
 
     @functools.lru_cache(maxsize=4096)
     def _decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int]:
-        phi, g = self.phi(t), self.budgets(n0, num_layers)
+        phi, g = self.phi(t), self._budgets(n0, num_layers)
         return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
+
+
+@functools.lru_cache(maxsize=65536)
+def removal_bound(policy: Full, n0: int, num_layers: int, t: int) -> int:
+    """Most entries the eviction before token t can remove from one sequence, over all its layers.
+
+    A layer following event layer k holds at most budget_k(t-1) visual entries after the previous
+    eviction, so now it loses at most the sum over event layers j <= k of budget_j(t-1) - budget_j(t),
+    and never more than it holds. decode_budgets(0) is the prefill budget.
+    """
+    now = policy.decode_budgets(n0, num_layers, t)
+    if not now:
+        return 0
+    before, held = policy.decode_budgets(n0, num_layers, t - 1), policy.budgets(n0, num_layers)
+    events = sorted(now)
+    total, drop, k = 0, 0, -1
+    for layer in range(events[0], num_layers):
+        while k + 1 < len(events) and events[k + 1] <= layer:
+            k += 1
+            drop += max(0, before[events[k]] - now[events[k]])
+        total += min(held[layer], drop)
+    return total
 
 
 def _check_int(name: str, value, low: int) -> None:

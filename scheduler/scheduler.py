@@ -1,4 +1,4 @@
-"""Continuous batching: who runs next, admission by free blocks, preemption, VTA evictions, finishing.
+"""Continuous batching: who runs next, admission by free blocks, preemption, VTA budgets, finishing.
 
 A step is either a prefill of newly admitted requests (first come, first served, under a token
 budget) or a decode of every running request, as in nano-vllm. Admission asks the policy how many
@@ -15,9 +15,9 @@ import torch
 from cache.layered import LayeredKVCache
 from scheduler.sequence import Sequence, Status
 
-from .policy import Full
+from .policy import Full, removal_bound
 
-logger = logging.getLogger("st3")
+log = logging.getLogger("st3")
 
 
 class Scheduler:
@@ -61,6 +61,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.seat = self.cache.allocate(self.prefill_lens(seq))
             seq.status, seq.cursor = Status.RUNNING, 0
+            seq.visual_per_layer = list(self.policy.budgets(seq.num_visual, self.num_layers))
             self.running.append(seq)
             batch.append(seq)
             tokens += seq.prompt_len
@@ -78,10 +79,10 @@ class Scheduler:
         """Free a sequence's cache and queue it first for recomputation (it keeps its tokens)."""
         self.running.remove(seq)
         self.cache.free(seq.seat)
-        seq.seat, seq.status, seq.scores = None, Status.WAITING, None
+        seq.seat, seq.status = None, Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
-        logger.info("preempted request %s: KV pool full, recomputed later (preemption %d of it)", seq.request_id,
+        log.info("preempted request %s: KV pool full, recomputed later (preemption %d of it)", seq.request_id,
                     seq.num_preemptions)
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -96,42 +97,36 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ---- VTA --------------------------------------------------------------------------------
-    def evict_visual(self) -> int:
-        """Apply the policy's decode-time evictions to every running sequence; return blocks freed.
+    def eviction_budgets(self, seqs: list[Sequence]) -> tuple[list[list[int]], int] | None:
+        """Budgets per event layer for the eviction at the end of this forward (None: nothing to evict).
 
-        All sequences are handled together and on the host (scores arrive there with the sampled tokens;
-        the cache mirrors each entry's visual index), so the device sees one batched copy per step.
+        A forward run at cursor c also evicts what must be gone before the forward at cursor c + 1, whose
+        budgets are decode_budgets(c + 1). Sequences with nothing to lose get a budget no layer reaches.
+        Also returns a bound on the entries the eviction can move (engine/eviction.py sizes its move
+        lists by it).
         """
         if not self.policy.anneals:
-            return 0
+            return None
         L, events = self.num_layers, self.policy.event_layers(self.num_layers)
-        seqs, budgets = [], []
-        for seq in self.running:
-            if seq.scores is None or seq.num_visual == 0 or seq.cursor == 0:
-                continue
-            if self.policy.needs_decode_scores(seq.num_visual, L, seq.cursor, seq.visual_per_layer):
-                b = self.policy.decode_budgets(seq.num_visual, L, seq.cursor)
-                seqs.append(seq)
+        never = max(s.num_visual for s in seqs) + 1
+        budgets, bound, any_due = [], 0, False
+        for seq in seqs:
+            t = seq.cursor + 1
+            if seq.num_visual and self.policy.needs_decode_scores(seq.num_visual, L, t, seq.visual_per_layer):
+                b = self.policy.decode_budgets(seq.num_visual, L, t)
                 budgets.append([b[layer] for layer in events])
-        if not seqs:
-            return 0
+                bound += removal_bound(self.policy, seq.num_visual, L, t)
+                any_due = True
+            else:
+                budgets.append([never] * len(events))
+        return (budgets, bound) if any_due else None
+
+    def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
+        """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""
         seats = [s.seat for s in seqs]
-        visual, slots, valid = self.cache.entry_visual(seats)               # [B, L, W]
-        n = max(s.num_visual for s in seqs)
-        idx = torch.where(visual >= 0, visual, n).long()                   # column n: not visual
-        present = torch.zeros(len(seqs), len(events), n + 1, dtype=torch.bool)
-        present.scatter_(2, idx[:, events], True)
-        scores = torch.zeros(len(seqs), len(events), n)
-        for b, s in enumerate(seqs):
-            scores[b, :, :s.num_visual] = s.scores
-        gone = self.policy.evictions(present[..., :n], scores, torch.tensor(budgets))  # [B, K, n]
-        # Layer l follows the deepest event layer at or below it; layers below the first keep everything.
-        k_of = torch.tensor([sum(e <= layer for e in events) - 1 for layer in range(L)])
-        gone = torch.cat([torch.zeros_like(gone[:, :1]), gone], 1)          # row 0: "no event yet"
-        gone = torch.nn.functional.pad(gone, (0, 1))                        # column n: never gone
-        remove = gone[:, k_of + 1].gather(2, idx)                           # [B, L, W]
-        freed, dst, src = self.cache.trim(seats, remove, (slots, valid))
-        self.cache.move(dst, src)
-        for seq, removed in zip(seqs, remove.sum(2).tolist()):
-            seq.visual_per_layer = [k - r for k, r in zip(seq.visual_per_layer, removed)]
+        removed = (self.cache.lens[seats] - new_lens).tolist()
+        freed = self.cache.shrink(seats, new_lens)
+        for seq, r in zip(seqs, removed):
+            if any(r):
+                seq.visual_per_layer = [k - x for k, x in zip(seq.visual_per_layer, r)]
         return freed

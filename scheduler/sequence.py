@@ -35,7 +35,6 @@ class Sequence:
     # cache, ST3 sets and scores end up exactly as if it had never been preempted.
     cursor: int = 0
     seat: int | None = None
-    scores: torch.Tensor | None = None  # last forward's score rows [num score layers, N0]
     text: str = ""
     finish_reason: str | None = None
     num_preemptions: int = 0
@@ -47,6 +46,9 @@ class Sequence:
     kv_peak_blocks: int = 0
     kv_blocks_final: int = 0
     visual_per_layer: list[int] = field(default_factory=list)
+    prompt: str | None = None           # the prompt text, if the request gave one (RequestOutput.prompt)
+    parent_id: str | None = None        # n > 1: the request this completion belongs to
+    index: int = 0                      # n > 1: which of the n completions this is
 
     @property
     def prompt_len(self) -> int:

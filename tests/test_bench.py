@@ -1,6 +1,7 @@
 """tools.bench on the tiny random-weight preset: every policy (and hf), the JSON report, argument errors."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.policy import ST3, Full
 from tools.bench import serving as bench
 from tools.bench.report import percentile
 from tools.bench.workload import parse_len_range
@@ -35,7 +37,7 @@ def cache_dir(tmp_path_factory):
 def report(cache_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "all.json"
     rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "4", "--output-len", "4:8",
-                              "--policies", "full,fastv,pvtp,st3,hf", "--json", str(path)])
+                              "--policies", "full,fastv,pvtp,st3,hf", "--json-out", str(path)])
     assert rc == 0
     return json.loads(path.read_text())
 
@@ -115,11 +117,17 @@ def test_tight_pool_st3_runs_more_at_once(cache_dir, tmp_path):
     # A tiny request holds ~56 blocks under full (8 layers x 7 blocks): 140 blocks admit two of them.
     rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "6", "--output-len", "6",
                               "--policies", "full,st3", "--num-kv-blocks", "140", "--no-progress",
-                              "--json", str(path)])
+                              "--json-out", str(path)])
     assert rc == 0
     full, st3 = json.loads(path.read_text())["runs"]
     assert full["kv_total_blocks"] == st3["kv_total_blocks"] == 140
-    assert full["kv_peak_blocks"] <= 140 and st3["kv_peak_blocks"] <= 140
+    for run, policy in ((full, Full()), (st3, ST3())):
+        budgets = policy.budgets(64, 8)
+        for r in run["requests"]:  # each request's KV from the budgets: exact without VTA, bracketed with it
+            blocks = lambda extra: sum(-(-(r["text_prompt_tokens"] + g + extra) // 16) for g in budgets)  # noqa
+            low, high = blocks(0), blocks(r["generated_tokens"] - 1)
+            assert (r["kv_peak_blocks"] == high) if run is full else (low <= r["kv_peak_blocks"] <= high)
+        assert run["kv_peak_blocks"] >= max(r["kv_peak_blocks"] for r in run["requests"])
     assert st3["peak_running"] >= full["peak_running"]
     assert st3["peak_running"] > full["peak_running"] or st3["kv_peak_blocks"] < full["kv_peak_blocks"]
     assert full["output_tokens"] == st3["output_tokens"] == 36
@@ -135,7 +143,7 @@ def test_image_dir_and_poisson_arrivals(cache_dir, tmp_path):
     path = tmp_path / "dir.json"
     rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "3", "--output-len", "2",
                               "--policies", "full", "--image-dir", str(imgs), "--request-rate", "20",
-                              "--no-progress", "--json", str(path), "--plot", str(tmp_path / "p.png")])
+                              "--no-progress", "--json-out", str(path), "--plot", str(tmp_path / "p.png")])
     assert rc == 0
     data = json.loads(path.read_text())
     assert data["config"]["request_rate"] == 20 and data["config"]["image_dir"] == str(imgs)
@@ -165,8 +173,13 @@ def test_bad_policy_exits_2_via_subprocess(cache_dir):
     (["--num-requests", "0"], "--num-requests"),
     (["--model", "/nonexistent/model/dir"], "nonexistent"),
     (["--preset", "tiny", "--image-dir", "/nonexistent/images"], "image-dir"),
-    (["--preset", "tiny", "--fastv-layer", "99", "--policies", "fastv"], "layer"),
+    (["--preset", "tiny", "--layer", "99", "--policies", "fastv"], "layer"),
     (["--preset", "tiny", "--anneal-floor", "2", "--policies", "st3"], "anneal_floor"),
+    (["--backend", "openai"], "--backend openai needs --url"),
+    (["--url", "http://127.0.0.1:9"], "--url only applies with --backend openai"),
+    (["--preset", "tiny", "--backend", "openai", "--url", "http://127.0.0.1:9"], "no OpenAI-compatible server"),
+    (["--preset", "tiny", "--ratio", "0.5", "--policies", "full"], "--ratio does not apply to policy 'full'"),
+    (["--preset", "tiny", "--layer", "1", "--policies", "full,st3,hf"], "--layer does not apply to any of"),
 ])
 def test_bad_arguments_exit_2(cache_dir, capsys, argv, needle):
     assert bench.main(["--cache-dir", cache_dir] + argv) == 2
@@ -204,3 +217,87 @@ def test_len_range():
 def test_help_says_weights_are_random():
     text = bench.build_parser().format_help()
     assert "RANDOM weights" in text and "cpu-32l" in text and "llava-1.5-7b-4l" in text
+
+
+@pytest.mark.parametrize("option, path", [("--json-out", "missing-dir/out.json"), ("--plot", "missing-dir/p.png"),
+                                          ("--json-out", "."), ("--plot", "")])
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys, option, path):
+    """A bad --json-out/--plot is one error line before any model is written or run."""
+    cache = tmp_path / "cache"
+    target = str(tmp_path / path) if path else str(tmp_path)
+    assert bench.main(["--cache-dir", str(cache), "--preset", "tiny", option, target]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {option}") and not cache.exists(), err
+
+
+def test_json_is_not_an_abbreviation_of_json_out(capsys):
+    with pytest.raises(SystemExit) as e:   # engine.generate's --json is a flag; here it would take a path
+        bench.main(["--json", "out.json"])
+    assert e.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_a_missing_numpy_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "numpy", None)   # safetensors imports it when writing the preset
+    assert bench.main(["--cache-dir", str(tmp_path), "--preset", "tiny", "--policies", "full"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: writing the random-weight preset needs numpy (pip install -e '.[bench]')", err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_redraws_only_on_a_terminal():
+    from tools.bench.runner import Progress
+    for stream in (io.StringIO(), _Terminal()):
+        bar = Progress("st3", 4, stream=stream)
+        for done in range(4):
+            bar.update(done, 10 * done)
+        bar.update(4, 40, "done", force=True)
+        bar.close()
+        text = stream.getvalue()
+        if isinstance(stream, _Terminal):
+            assert text.startswith("\r[   st3] 0/4") and "\x1b[K" in text and text.endswith("\n")
+        else:   # a pipe or a log: whole lines, the first and the last
+            lines = text.splitlines()
+            assert "\r" not in text and "\x1b" not in text and len(lines) == 2
+            assert lines[0].startswith("[   st3] 0/4") and lines[1].startswith("[   st3] 4/4") and "done" in lines[1]
+
+
+def test_plot_panels_share_their_scales():
+    from tools.bench.report import plot_scales
+    runs = [{"kv_total_blocks": 140, "timeline": [[0.0, 120, 2], [1.0, 50, 1]]},
+            {"kv_total_blocks": 140, "timeline": [[0.0, 90, 7], [1.0, 160, 3]]},
+            {"kv_total_blocks": None, "timeline": []}]
+    assert plot_scales(runs) == (160 * 1.05 + 1, 8)
+
+
+def test_openai_backend_against_engine_serve_matches_in_process(report, cache_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from engine import LLM, AsyncLLM
+    from engine.serve import build_app
+    from tools.bench.workload import preset_model_dir
+    from tools.fixtures.server_thread import ServerThread
+
+    engine = AsyncLLM(LLM(preset_model_dir("tiny", Path(cache_dir)), policy="st3"))
+    server = ServerThread(build_app(engine, "bench-tiny"))
+    path = tmp_path / "http.json"
+    try:
+        rc = bench.main(COMMON + ["--cache-dir", cache_dir, "--num-requests", "4", "--output-len", "4:8",
+                                  "--backend", "openai", "--url", server.url, "--json-out", str(path), "--no-progress"])
+    finally:
+        server.stop()
+        engine.shutdown()
+    assert rc == 0
+    http = json.loads(path.read_text())["runs"]
+    local = next(r for r in report["runs"] if r["policy"] == "st3")
+    assert [r["policy"] for r in http] == ["http-st3"]
+    run = http[0]
+    for key in ("output_tokens", "visual_input_tokens", "text_input_tokens", "visual_tokens_per_layer"):
+        assert run[key] == local[key], key
+    assert [q["generated_tokens"] for q in run["requests"]] == [q["generated_tokens"] for q in local["requests"]]
+    assert all(q["ttft_s"] > 0 and q["e2e_s"] >= q["ttft_s"] for q in run["requests"])
+    assert run["itl_p50_s"] > 0 and run["tpot_p50_s"] > 0

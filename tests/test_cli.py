@@ -49,6 +49,9 @@ def _cases(f):
         "bad_top_p": base + ["--top-p", "0"],
         "bad_policy": base + ["--policy", "nope"],
         "bad_raw_prompt": base + ["--raw-prompt"],
+        # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape).
+        "bad_non_utf8_prompt": ["--model", f["model"], "--image", f["png"], "--prompt", b"caf\xe9?"],
+        "bad_huge_seed": base + ["--seed", str(2 ** 70)],
     }
 
 
@@ -116,7 +119,8 @@ def test_default_model_is_the_shipped_demo_model(runs):
 @pytest.mark.parametrize("case, message", [
     ("bad_model_dir", "model directory not found"), ("bad_missing_image", "image file not found"),
     ("bad_truncated_png", "truncated"), ("bad_temperature", "temperature"), ("bad_top_p", "top_p"),
-    ("bad_policy", "unknown policy 'nope'"), ("bad_raw_prompt", "0 <image> tag(s) but 1 image(s)")])
+    ("bad_policy", "unknown policy 'nope'"), ("bad_raw_prompt", "0 <image> tag(s) but 1 image(s)"),
+    ("bad_non_utf8_prompt", "'prompt' is not valid Unicode"), ("bad_huge_seed", "seed must be an integer in [0, 2**63)")])
 def test_bad_input_is_one_error_line(runs, case, message):
     r = runs[case]
     assert r.returncode == 2, (case, r.stdout, r.stderr)
@@ -128,7 +132,7 @@ def test_bad_input_is_one_error_line(runs, case, message):
 @pytest.mark.parametrize("extra, message", [
     (["--policy", "st3", "--ratio", "1.5"], "ratio must be in [0, 1)"),
     (["--anneal-steps", "3"], "--anneal-steps does not apply to policy 'full'"),
-    (["--policy", "fastv", "--fastv-layer", "9"], "fastv layer 9"),
+    (["--policy", "fastv", "--layer", "9"], "fastv layer 9"),
     (["--num-kv-blocks", "4"], "KV blocks"),
     (["--dtype", "float7"], "dtype"),
     (["--max-tokens", "many"], "argument --max-tokens: invalid int value"),  # argparse's own errors, one line

@@ -6,6 +6,7 @@ from PIL import Image
 from engine import LLM, SamplingParams
 from engine.decode_buffers import graph_buckets, width_buckets
 from tools.fixtures.make_tiny_model import make_tiny_model
+from tools.fixtures.sync_guard import HostSync, no_host_sync
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 3, "anneal_floor": 0.2})]
 
@@ -78,42 +79,38 @@ def test_buckets():
     assert graph_buckets(1) == [1]
 
 
-class HostSync(AssertionError):
-    pass
-
-
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("kind,params", POLICIES, ids=[p[0] for p in POLICIES])
-def test_decode_step_never_syncs_with_host(model_dir, monkeypatch, kind, params, pad):
+def test_decode_step_never_syncs_with_host(model_dir, kind, params, pad):
+    """The device part of a decode step, ST3's eviction included, reads nothing back (aten-level guard)."""
     llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=700, block_size=4, max_num_seqs=6)
     llm.runner.pad_batches = pad
-    inner, calls = llm.runner.decode_forward, []
+    calls = []
 
-    def guarded(*args, **kwargs):
-        def boom(*a, **k):
-            raise HostSync("host synchronisation inside the decode step")
-        with monkeypatch.context() as m:
-            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
-                         "nonzero"):
-                m.setattr(torch.Tensor, name, boom)
-            calls.append(1)
-            return inner(*args, **kwargs)
+    def guarded(name):
+        inner = getattr(llm.runner, name)
 
-    llm.runner.decode_forward = guarded
+        def run(*args, **kwargs):
+            calls.append(name)
+            with no_host_sync():
+                return inner(*args, **kwargs)
+        setattr(llm.runner, name, run)
+    guarded("decode_forward")
+    guarded("evict_step")
     reqs, sp = _requests()
     outs = llm.generate(reqs, sp)
-    assert calls and all(o.finish_reason == "length" for o in outs)
-    # The guard really fires on a sync.
-    with pytest.raises(HostSync):
-        _sync_probe(monkeypatch)
+    assert all(o.finish_reason == "length" for o in outs)
+    assert "decode_forward" in calls and (("evict_step" in calls) == (kind == "st3")), set(calls)
 
 
-def _sync_probe(monkeypatch):
-    def boom(*a, **k):
-        raise HostSync("probe")
-    with monkeypatch.context() as m:
-        m.setattr(torch.Tensor, "item", boom)
-        torch.ones(1).item()
+@pytest.mark.parametrize("op", ["item", "mask", "nonzero", "repeat_interleave", "tolist", "bool"])
+def test_sync_guard_fires(op):
+    x = torch.arange(6.0)
+    probes = {"item": lambda: x.sum().item(), "mask": lambda: x[x > 2], "nonzero": lambda: x.nonzero(),
+              "repeat_interleave": lambda: x.repeat_interleave(torch.ones(6, dtype=torch.long)),
+              "tolist": lambda: x.tolist(), "bool": lambda: bool(x.sum() > 1)}
+    with pytest.raises(HostSync), no_host_sync():
+        probes[op]()
 
 
 @pytest.mark.parametrize("pad", [False, True])

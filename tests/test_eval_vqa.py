@@ -20,7 +20,7 @@ def test_answer_kinds(question, gold, kinds):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--policies", "full;fastv:start_layer=1"], "--policies 'fastv:start_layer=1'"),
+    (["--policies", "full;fastv:start_layer=1"], "--policies 'fastv:start_layer=1': policy 'fastv' has no knob"),
     (["--policies", "st3:ratio=1.5"], "ratio must be in [0, 1)"),
     (["--policies", "nope"], "unknown policy"),
     (["--model", "/no/such/dir"], "--model"),
@@ -31,3 +31,4 @@ def test_bad_settings_exit_2_before_any_evaluation(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err   # one line, as every CLI here

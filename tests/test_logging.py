@@ -13,7 +13,7 @@ from tools.fixtures.make_tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ["engine", "models", "scheduler", "cache"]
-CLIS = {"engine/generate.py"}  # command-line front ends: printing is their job
+CLIS = {"engine/generate.py", "engine/serve.py"}  # command-line front ends: printing is their job
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,15 @@ def test_startup_logs_pool_and_backend(model, caplog):
     pool = llm.cache.pool
     mib = (pool.k.nbytes + pool.v.nbytes) / 2**20
     assert f"KV pool: 48 blocks of 8 tokens, {mib:.1f} MiB, float32 on cpu" in msgs
-    assert "decode attention backend: gather + SDPA" in msgs  # the Triton kernel is CUDA-only
-    assert not any("CUDA graphs" in m for m in msgs)  # nothing is captured on CPU
+    assert "decode attention: gather + SDPA" in msgs  # the Triton kernel is CUDA-only
+    assert not any(m.startswith("captured") for m in msgs)  # nothing is captured on CPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_capture_time_logged(model, caplog):
     caplog.set_level(logging.INFO, logger="st3")
     LLM(model, device="cuda", num_kv_blocks=48, max_num_seqs=2)
-    assert any(m.startswith("captured decode CUDA graphs") and m.endswith(" s") for m in _messages(caplog))
+    assert any(m.startswith("captured ") and "decode graphs in" in m for m in _messages(caplog))
 
 
 def test_preemptions_logged(model, caplog):
@@ -57,8 +57,10 @@ def test_preemptions_logged(model, caplog):
 
 
 def test_library_prints_nothing(model, capsys):
+    """Except generate()'s tqdm bar over a list, which vLLM shows too and use_tqdm=False turns off."""
     llm = LLM(model, num_kv_blocks=64)
-    llm.generate(["hello", "hi there"], SamplingParams(max_tokens=3))
+    llm.generate(["hello", "hi there"], SamplingParams(max_tokens=3), use_tqdm=False)
+    llm.generate("hello", SamplingParams(max_tokens=3))
     for _ in llm.stream("hello", SamplingParams(max_tokens=2)):
         pass
     out = capsys.readouterr()
@@ -92,4 +94,4 @@ def test_cli_verbose_shows_the_log(model, capsys):
     finally:
         log.handlers, log.level = before, level
     err = capsys.readouterr().err
-    assert "st3: KV pool: " in err and "st3: decode attention backend: gather + SDPA" in err
+    assert "st3: KV pool: " in err and "st3: decode attention: gather + SDPA" in err

@@ -182,7 +182,9 @@ def test_greedy_tokens_match_hf(case):
                            eos_token_id=eos, pad_token_id=case.hf.config.pad_token_id, **extra)
     ref = gen[0, ids.shape[1]:].tolist()
     assert out.token_ids == ref, f"engine greedy {out.token_ids} != HF greedy {ref}"
-    assert len(ref) == 8 or ref[-1] in eos
+    # Our stop: at EOS with "stop" (the EOS token kept), else after max_tokens with "length".
+    assert out.finish_reason == ("stop" if out.token_ids[-1] in eos else "length"), out.finish_reason
+    assert len(out.token_ids) == 8 or out.finish_reason == "stop"
 
 
 def test_linear_rope_scaling_is_applied(ckpt_root):

@@ -68,7 +68,7 @@ def _params(max_tokens=MAX_TOKENS):
 
 @pytest.mark.parametrize("kind,params", POLICIES, ids=IDS)
 def test_batched_equals_reference(model_dir, requests_, kind, params):
-    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600)
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
     outs = llm.generate(requests_, _params())
     _check(llm, outs, requests_, kind, params)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
@@ -76,7 +76,7 @@ def test_batched_equals_reference(model_dir, requests_, kind, params):
 
 @pytest.mark.parametrize("kind,params", POLICIES[::2], ids=IDS[::2])
 def test_solo_equals_reference(model_dir, requests_, kind, params):
-    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600)
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
     outs = [llm.generate([req], p)[0] for req, p in zip(requests_, _params())]
     _check(llm, outs, requests_, kind, params)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
@@ -98,3 +98,12 @@ def test_preemption_equals_reference(model_dir, requests_, kind, params):
     assert sum(o.stats["preemptions"] for o in outs) > 0
     _check(llm, outs, reqs, kind, params, max_tokens)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
+
+
+def test_st3_score_buffers_bound_the_images(model_dir, requests_):
+    """ST3's static decode score rows hold max_images_per_prompt images; a bigger prompt is refused up front."""
+    from engine.errors import RequestError
+    llm = LLM(model_dir, policy="st3", num_kv_blocks=600)
+    with pytest.raises(RequestError, match="max_images_per_prompt"):
+        llm.add_request(requests_[3])
+    assert LLM(model_dir, policy="full", num_kv_blocks=600).generate([requests_[3]], _params([2]))[0].token_ids

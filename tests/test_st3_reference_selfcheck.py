@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from models.llama import ForwardContext
 from models.loader import load_model
 from tools.fixtures.st3_reference import (budgets, event_layers, phi, recompute_logits, reference_generate,
                                          resolve_policy, select_top)
@@ -135,20 +136,21 @@ def test_prefill_scores_match_module_forward(model):
     lm = model.language_model.model
     rec = {}
 
-    def attend(li, q, k, v):
-        rep = q.shape[-2] // k.shape[-2]
-        k, v = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)
-        att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-        T = q.shape[0]
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-        rec[li] = att[:, -1].mean(0)
-        return torch.einsum("hqk,khd->qhd", att, v)
+    class Recorder(ForwardContext):
+        def attend(self, li, q, k, v):
+            rep = q.shape[-2] // k.shape[-2]
+            k, v = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)
+            att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+            T = q.shape[0]
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+            rec[li] = att[:, -1].mean(0)
+            return torch.einsum("hqk,khd->qhd", att, v)
 
     with torch.no_grad():
         h = model.embed(torch.tensor(ids), model.encode_images(pix))
         cos, sin = lm.rotary_emb(torch.arange(len(ids)), h.dtype)
         for layer in lm.layers[:3]:
-            h = layer(h, cos, sin, attend)
+            h = layer(h, cos, sin, Recorder())
     v = _visual(model, ids)
     for layer_k, ratio in [(1, 0.5), (2, 0.5), (3, 0.75)]:
         res = reference_generate(model, ids, pix, {"kind": "fastv", "layer": layer_k, "ratio": ratio}, 1)

@@ -1,13 +1,17 @@
-"""Everything that needs a GPU, in one prepared run (about 5 minutes on an H100).
+"""Everything that needs a GPU, in one prepared run (about 6 minutes on an H100/H200).
 
-  PYTHONPATH=. python tools/gpu_check.py [--out DIR] [--layers 8]
+  PYTHONPATH=. python tools/gpu_check.py [--out DIR]              # on the GPU machine
+  PYTHONPATH=. python tools/gpu_check.py --device cpu --smoke     # the same code on a CPU, tiny shapes
 
-1. Parity on CUDA: our model vs transformers (fp32 within 1e-4; bf16 within a stated tolerance).
+Checks, on a small random model:
+1. Parity: our model vs transformers (fp32 within 1e-4; bf16 within a stated tolerance).
 2. The engine vs the naive ST3 reference (tools/fixtures/st3_reference.py, run on the CPU) for every policy.
 3. CUDA-graph replay equals eager decode token for token, every policy, with batches that shrink/grow.
-4. The Triton paged decode kernel vs the gather + SDPA path, and which one the engine picked.
-5. Decode ms/token at LLaVA-1.5-7B width (fewer layers): eager, graphs, transformers, HBM floor
-   (tools/bench/gpu.py).
+4. The Triton paged decode kernel (and its ST3 score-row pass) vs the gather + SDPA path.
+5. ST3's decode step, eviction included, under torch.cuda.set_sync_debug_mode("error"), graphs and eager
+   (on a CPU: under the aten-level no_host_sync guard).
+Measurements at LLaVA-1.5-7B geometry, every policy (tools/bench/gpu.py): prefill, decode ms/step with
+graphs at batch 1/16/64, serving output tok/s under a KV budget, full's graph step vs the HBM floor.
 Prints a summary and writes gpu_check.json (to --out, default $OUT or the cwd). Exit 1 if a check fails.
 """
 from __future__ import annotations
@@ -24,15 +28,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.attention import decode_attention, entry_slots, gather_kv  # noqa: E402
-from tools.bench.gpu import decode_speed  # noqa: E402
-from tools.fixtures.make_tiny_model import make_tiny_model  # noqa: E402
+from engine import LLM, SamplingParams
+from engine.attention import decode_attention, entry_slots, gather_kv
+from tools.bench.gpu import measure
+from tools.fixtures.make_tiny_model import make_tiny_model
+from tools.fixtures.sync_guard import no_host_sync
 
 POLICIES = [("full", {}), ("fastv", {}), ("pvtp", {}), ("st3", {"anneal_steps": 4}),
             ("st3", {"anneal_steps": 6, "anneal_floor": 0.2, "anneal_curve": "cosine"})]
 RESULTS: dict = {"checks": {}, "bench": {}}
 ARGS: argparse.Namespace
+DEV = "cuda"
 
 
 def image(seed: int, w: int, h: int) -> Image.Image:
@@ -68,12 +74,12 @@ def parity(model_dir: Path) -> dict:
     out = {}
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
         name = str(dtype).split(".")[1]
-        llm = LLM(model_dir, device="cuda", dtype=name, num_kv_blocks=2000)
-        hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+        llm = LLM(model_dir, device=DEV, dtype=name, num_kv_blocks=2000)
+        hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(DEV).eval()
         req = requests()[0]
         p = llm.processor.process(req)
-        ids = torch.tensor([p.prompt_ids], device="cuda")
-        pix = p.pixel_values.cuda().to(dtype)
+        ids = torch.tensor([p.prompt_ids], device=DEV)
+        pix = p.pixel_values.to(DEV, dtype)
         eos = sorted(llm.eos_ids)
         with torch.inference_mode():
             ref = hf(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids)).logits.float()
@@ -89,7 +95,7 @@ def parity(model_dir: Path) -> dict:
         if dtype == torch.float32:
             assert tokens == hf_tokens, f"greedy tokens differ: {tokens} vs {hf_tokens}"
         del llm, hf
-        torch.cuda.empty_cache()
+        free_memory()
     return out
 
 
@@ -99,7 +105,7 @@ def reference(model_dir: Path) -> dict:
     cpu = LLM(model_dir, num_kv_blocks=50)
     out = {}
     for kind, params in POLICIES:
-        llm = LLM(model_dir, device="cuda", policy=kind, policy_params=params, num_kv_blocks=2000)
+        llm = LLM(model_dir, device=DEV, policy=kind, policy_params=params, num_kv_blocks=2000)
         outs = llm.generate(requests(), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0))
         worst = 0.0
         for req, o in zip(requests(), outs):
@@ -141,35 +147,88 @@ def graphs(model_dir: Path) -> dict:
     return out
 
 
-@check("Triton paged kernel vs gather + SDPA")
+@check("Triton paged kernel and its score rows vs gather + SDPA")
 def triton_kernel(model_dir: Path) -> dict:
     from engine.triton_attention import paged_decode_attention
     out = {}
     for dtype, hkv, h, d in ((torch.float32, 4, 16, 64), (torch.bfloat16, 8, 32, 128), (torch.float16, 32, 32, 128)):
-        bs, nb, b, w = 16, 512, 6, 40
+        bs, nb, b, w, n = 16, 512, 6, 40, 576
         k = torch.randn(nb * bs + 1, hkv, d, device="cuda", dtype=dtype)
         v = torch.randn_like(k)
+        vis = torch.full((k.shape[0],), -1, dtype=torch.int32, device="cuda")
         tables = torch.randperm(nb, device="cuda")[: b * 2 * w].view(b, 2, w)
+        for row in range(b):  # layer 1: unique visual indices per sequence between text entries
+            sl = entry_slots(tables[row:row + 1, 1], bs)[0]
+            vis[sl] = torch.where(torch.rand(len(sl), device="cuda") < 0.6,
+                                  torch.randperm(n, device="cuda")[:len(sl)], -1).to(torch.int32)
         lens = torch.randint(1, w * bs + 1, (b, 2), device="cuda")
         q = torch.randn(b, h, d, device="cuda", dtype=dtype)
+        worst = {}
         for layer in (0, 1):
             slots = entry_slots(tables[:, layer], bs)
-            ref = decode_attention(q, gather_kv(k, slots), gather_kv(v, slots), lens[:, layer], False)[0]
+            ref, row_ref = decode_attention(q, gather_kv(k, slots), gather_kv(v, slots), lens[:, layer], True)
             got = paged_decode_attention(q, k, v, tables, lens, layer, bs)
-            diff = (ref.float() - got.float()).abs().max().item()
-            assert diff < (1e-4 if dtype == torch.float32 else 2e-2), f"{dtype}: {diff}"
-        out[str(dtype)] = diff
-    llm = LLM(model_dir, device="cuda")  # the pool sized from free memory, as users get it
-    out["engine_uses_triton"] = llm.runner.use_triton
-    out["default pool blocks"] = llm.kv_stats()["total_blocks"]
-    assert llm.generate([requests()[0]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+            scores = torch.zeros(b, n + 1, device="cuda")
+            got_s = paged_decode_attention(q, k, v, tables, lens, layer, bs, scores=scores, visual_index=vis)
+            valid = torch.arange(slots.shape[1], device="cuda")[None, :] < lens[:, layer, None]
+            want = torch.zeros(b, n + 1, device="cuda").scatter_(
+                1, torch.where(valid & (vis[slots] >= 0), vis[slots].long(), n), row_ref)
+            worst[layer] = max((ref.float() - got.float()).abs().max().item(),
+                               (ref.float() - got_s.float()).abs().max().item())
+            sdiff = (scores[:, :n] - want[:, :n]).abs().max().item()
+            assert worst[layer] < (1e-4 if dtype == torch.float32 else 2e-2), f"{dtype}: {worst[layer]}"
+            assert sdiff < 1e-3, f"{dtype}: score rows differ by {sdiff}"
+        out[str(dtype)] = {"attention": max(worst.values()), "scores": sdiff}
+    for policy in ("full", "st3"):  # the pool sized from free memory, as users get it
+        llm = LLM(model_dir, device="cuda", policy=policy)
+        out[f"engine uses triton ({policy})"] = llm.runner.attention.use_triton
+        out["default pool blocks"] = llm.kv_stats()["total_blocks"]
+        assert llm.generate([requests()[0]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        del llm
     return out
 
 
-@check("decode speed at LLaVA-1.5-7B width")
-def bench(work: Path, layers: int) -> dict:
+@check("ST3 decode step with eviction makes no host sync (graphs and eager)")
+def no_sync(model_dir: Path) -> dict:
+    """Run twice: the first run captures every graph it needs; the second replays under the sync guard."""
+    out = {}
+    for eager in (True, False) if DEV == "cuda" else (True,):
+        llm = LLM(model_dir, device=DEV, policy="st3", policy_params={"anneal_steps": 6, "anneal_floor": 0.2},
+                  num_kv_blocks=2000, max_num_seqs=16, enforce_eager=eager, block_size=8)
+        first = staggered(llm)
+        names = ["decode_forward", "evict_step"]
+        if not eager:
+            replay = llm.runner.graphs.replay
+            llm.runner.graphs.replay = lambda *a: guarded(replay, *a)
+        for name in names:
+            fn = getattr(llm.runner, name)
+            setattr(llm.runner, name, lambda *a, _fn=fn, **k: guarded(_fn, *a, **k))
+        assert staggered(llm) == first, "the guarded run differs from the first"
+        out["eager" if eager else "graphs"] = "no sync"
+    return out
+
+
+def guarded(fn, *args, **kwargs):
+    """Call fn with any host synchronisation an error."""
+    if DEV != "cuda":
+        with no_host_sync():
+            return fn(*args, **kwargs)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def free_memory() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+@check("every policy at LLaVA-1.5-7B geometry")
+def bench(work: Path) -> dict:
     RESULTS["bench"] = out = {}  # filled as it goes, so a run cut short still writes what it measured
-    return decode_speed(work, layers, image(3, 336, 336), out, write_results)
+    return measure(work, out, write_results, device=DEV, smoke=ARGS.smoke)
 
 
 def write_results() -> None:
@@ -178,22 +237,26 @@ def write_results() -> None:
 
 
 def main() -> int:
-    global ARGS
+    global ARGS, DEV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--work", help="keep the generated checkpoints here (default: a temporary directory)")
-    ap.add_argument("--only", help="comma-separated subset of: parity,reference,graphs,triton,bench")
+    ap.add_argument("--only", help="comma-separated subset of: parity,reference,graphs,triton,sync,bench")
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu to test this script itself")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths for the measurements (a test of the script)")
     ARGS = args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device")
+    DEV = args.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (or --device cpu --smoke to test the script)")
         return 2
     # fp32 parity means fp32: cuDNN would otherwise run the CLIP patch convolution in TF32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["torch"] = torch.__version__
-    only = set(args.only.split(",")) if args.only else {"parity", "reference", "graphs", "triton", "bench"}
+    only = set(args.only.split(",")) if args.only else {"parity", "reference", "graphs", "triton", "sync", "bench"}
+    if DEV != "cuda":
+        only -= {"graphs", "triton"}  # CUDA graphs and Triton exist only there
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         small = work / "small"
@@ -201,7 +264,7 @@ def main() -> int:
             make_tiny_model(small, text_layers=6, kv_heads=2, image_size=64, seed=7)
         for name, fn, fargs in (("parity", parity, (small,)), ("reference", reference, (small,)),
                                 ("graphs", graphs, (small,)), ("triton", triton_kernel, (small,)),
-                                ("bench", bench, (work, args.layers))):
+                                ("sync", no_sync, (small,)), ("bench", bench, (work,))):
             if name in only:
                 fn(*fargs)
                 write_results()

@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     engines = {}
     for dtype in args.dtypes.split(","):
         for policy in args.policies.split(","):
-            llm = LLM(path, policy=policy, dtype=dtype, max_num_seqs=max(batches), num_kv_blocks=20000)
+            # Room for the largest batch at its longest (~640 prompt entries per layer + the answer), no more:
+            # three engines of a 20k-block pool each did not fit a 24 GB machine beside other work.
+            blocks = max(batches) * args.layers * -(-(700 + args.tokens) // 16)
+            llm = LLM(path, policy=policy, dtype=dtype, max_num_seqs=max(batches), num_kv_blocks=blocks)
             engine_step_ms(llm, 1, 4)  # warm-up
             engines[f"engine {policy} {dtype}"] = llm
     text = next(iter(engines.values())).model.language_model

@@ -1,8 +1,14 @@
-"""The decode-speed part of tools/gpu_check.py: engine (eager, CUDA graphs; full, ST3), transformers, HBM floor.
+"""The measurement part of tools/gpu_check.py: every policy at LLaVA-1.5-7B geometry, in one run.
 
-Ms per decode step at LLaVA-1.5-7B width (random weights, fewer decoder layers), prefill excluded,
-beside transformers' `generate`, a bare transformers forward loop, and the weight-bandwidth floor
-(decoder + lm_head bytes / HBM read bandwidth measured in the same run).
+32 decoder layers (hidden 4096, intermediate 11008, 32 heads, vocab 32064), a CLIP-L/336 tower (24
+layers x 1024, 576 visual tokens), bf16, random weights drawn on the device (`load_format="dummy"`:
+writing and reading a 14 GB checkpoint would eat the time budget). For full, FastV, PVTP and ST3:
+  prefill ms at batch 1 and 16 (vision tower included),
+  decode ms/step with CUDA graphs at batch 1, 16 and 64 (prefill excluded; 64-token answers),
+  serving output tok/s through tools.bench's runner: 64 requests arriving at once, 128-token answers,
+  under a KV pool that holds about 16 full-LLaVA requests,
+and full's batch-1 graph replay against the HBM floor ((decoder + head bytes) / read bandwidth).
+`smoke=True` runs the same code at tiny widths (still 576 visual tokens) on any device, to test it.
 """
 from __future__ import annotations
 
@@ -11,27 +17,83 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from engine import LLM, SamplingParams
+from tools.bench.report import summarize
+from tools.bench.runner import run_engine
+from tools.bench.workload import BenchRequest, build_workload
 from tools.fixtures.make_tiny_model import make_tiny_model
 
+POLICIES = ("full", "fastv", "pvtp", "st3")
 
-def hbm_read_bw() -> float:
-    x = torch.ones(1 << 30, device="cuda", dtype=torch.float32)
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def read_bandwidth(device: str) -> float:
+    """Bytes/s for reading a large tensor on the device (best of 10 passes)."""
+    x = torch.ones(1 << 28, device=device, dtype=torch.float32)
     x.sum()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
         x.sum()
-    torch.cuda.synchronize()
-    return 10 * x.numel() * 4 / (time.perf_counter() - t0)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
 
 
-def replay_ms(llm: LLM, n: int = 50) -> float:
-    """Device time of one batch-1 decode graph at the bench's width (no host work between replays)."""
-    need = -(-700 // llm.cache.block_size)  # the bench's contexts: ~650 prompt + 64 generated tokens
-    key = (1, min(w for w in llm.runner.widths if w >= need), bool(llm.runner.decode_score_layers))
+def geometry(work: Path, smoke: bool) -> Path:
+    """Config and tokenizer only (weights are drawn on the device)."""
+    d = work / ("geometry-smoke" if smoke else "geometry-7b")
+    if not (d / "config.json").exists():
+        if smoke:
+            make_tiny_model(d, text_layers=8, image_size=336, patch_size=14, text_vocab=32000, weights=False)
+        else:
+            make_tiny_model(d, preset="llava-1.5-7b", dtype="bfloat16", weights=False)
+    return d
+
+
+def prefill_ms(llm: LLM, req: dict, batch: int, device: str) -> float:
+    """One prefill step of `batch` requests together (second of two rounds)."""
+    for _ in range(2):
+        for _ in range(batch):
+            llm.add_request(req, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        sync(device)
+        t0 = time.perf_counter()
+        llm.step()
+        sync(device)
+        ms = 1000 * (time.perf_counter() - t0)
+        assert not llm.scheduler.waiting, "the prefill did not take the whole batch"
+        while llm.has_unfinished():
+            llm.step()
+    return ms
+
+
+def decode_ms(llm: LLM, req: dict, batch: int, tokens: int, device: str) -> float:
+    """Mean decode step for `batch` requests running together (prefill excluded; second of two rounds)."""
+    for _ in range(2):
+        for _ in range(batch):
+            llm.add_request(req, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        while llm.scheduler.waiting:
+            llm.step()
+        sync(device)
+        t0, steps = time.perf_counter(), 0
+        while llm.has_unfinished():
+            llm.step()
+            steps += 1
+        sync(device)
+        ms = 1000 * (time.perf_counter() - t0) / steps
+    return ms
+
+
+def replay_ms(llm: LLM, context: int, n: int = 50) -> float:
+    """Device time of the batch-1 full-policy decode graph at this context (no host work between replays)."""
+    need = -(-context // llm.cache.block_size)
+    key = (1, min(w for w in llm.runner.widths if w >= need), False)
     llm.runner.graphs.replay(*key)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -41,82 +103,64 @@ def replay_ms(llm: LLM, n: int = 50) -> float:
     return 1000 * (time.perf_counter() - t0) / n
 
 
-def engine_ms_per_step(llm: LLM, req: dict, batch: int, tokens: int = 64) -> float:
-    """Decode ms per step for `batch` requests running together (prefill excluded; second of two rounds)."""
-    for _ in range(2):  # the first round warms up
-        for _ in range(batch):
-            llm.add_request(req, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-        while llm.scheduler.waiting:  # prefill every request before the clock starts
-            llm.step()
-        torch.cuda.synchronize()
-        t0, steps = time.perf_counter(), 0
-        while llm.has_unfinished():
-            llm.step()
-            steps += 1
-        torch.cuda.synchronize()
-        ms = 1000 * (time.perf_counter() - t0) / steps
-    return ms
-
-
-def decode_speed(work: Path, layers: int, img: Image.Image, out: dict, progress: Callable[[], None]) -> dict:
-    """Fill `out` with decode ms/step (engine eager and graphs, full and ST3), transformers and the floor."""
-    from transformers import LlavaForConditionalGeneration
-    d = work / "wide"
-    if not (d / "config.json").exists():
-        make_tiny_model(d, preset="llava-1.5-7b", text_layers=layers, vision_layers=2, dtype="bfloat16")
-    out.update({"layers": layers, "dtype": "bfloat16", "visual_tokens": 576, "tokens_per_request": 64})
-    for policy in ("full", "st3"):
-        for label, eager in (("eager", True), ("graphs", False)):
-            t0 = time.perf_counter()
-            llm = LLM(d, device="cuda", dtype="bfloat16", policy=policy, num_kv_blocks=8000, max_num_seqs=16,
-                      enforce_eager=eager)
-            out[f"start-up s ({policy}, {label})"] = round(time.perf_counter() - t0, 1)
-            out["engine uses triton"] = llm.runner.use_triton
-            req = {"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img}
-            for batch in (1, 16):
-                out[f"engine {policy} {label} bs{batch} ms/step"] = round(engine_ms_per_step(llm, req, batch), 3)
-            if not eager:
-                out["graphs captured"] = len(llm.runner.graphs.graphs)
-                out[f"graph replay only {policy} bs1 ms (device time of the step)"] = round(replay_ms(llm), 3)
-            weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
-                               if "embed_tokens" not in n)
-            del llm
-            torch.cuda.empty_cache()
-            progress()
-    hf = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(d, device="cuda", dtype="bfloat16", num_kv_blocks=200, max_num_seqs=1, enforce_eager=True)
-    p = llm.processor.process({"prompt": llm.tokenizer.chat_prompt("Describe the image.", 1), "image": img})
-    ids = torch.tensor([p.prompt_ids], device="cuda")
-    pix = p.pixel_values.cuda().bfloat16()
-
-    def gen(n):
-        torch.cuda.synchronize()
+def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "cuda", smoke: bool = False) -> dict:
+    """Fill `out` as it goes (a run cut short still reports what it measured)."""
+    d = geometry(work, smoke)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    batches, n_req, out_len, tokens = ((1, 16, 64), 64, 128, 64) if not smoke else ((1, 4), 8, 8, 6)
+    engine = dict(device=device, dtype=dtype, load_format="dummy", max_model_len=1024, max_num_batched_tokens=16384)
+    out.update({"model": "LLaVA-1.5-7B geometry, random weights" if not smoke else "smoke geometry",
+                "dtype": dtype, "visual_tokens": 576})
+    weights = None
+    for policy in POLICIES:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-    gen(4)
-    out["transformers generate bs1 ms/token"] = round(1000 * (gen(65) - gen(1)) / 64, 3)
-
-    @torch.inference_mode()
-    def forward_loop(n):  # transformers without generate()'s bookkeeping: a bare greedy loop
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        o = hf(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), use_cache=True)
-        past, tok, mask = o.past_key_values, o.logits[:, -1:].argmax(-1), torch.ones_like(ids)
-        for _ in range(n):
-            mask = torch.cat([mask, mask[:, :1]], 1)
-            o = hf(input_ids=tok, attention_mask=mask, past_key_values=past, use_cache=True)
-            past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-    forward_loop(4)
-    out["transformers forward loop bs1 ms/token"] = round(1000 * (forward_loop(65) - forward_loop(1)) / 64, 3)
-    del hf, llm
-    torch.cuda.empty_cache()
-    bw = hbm_read_bw()
-    out["hbm_read_GBps"] = round(bw / 1e9)
-    out["floor bs1 ms/token (decoder+head bytes / read bandwidth)"] = round(1000 * weight_bytes / bw, 3)
+        llm = LLM(d, policy=policy, max_num_seqs=max(batches), **engine)
+        res = out[policy] = {"start-up s": round(time.perf_counter() - t0, 1),
+                             "graphs": llm.runner.graphs is not None,
+                             "triton attention": llm.runner.attention.use_triton}
+        req = {"prompt": llm.tokenizer.chat_prompt("Describe the image in detail.", 1),
+               "image": _image()}
+        for b in (1, 16) if not smoke else (1, 4):
+            res[f"prefill bs{b} ms"] = round(prefill_ms(llm, req, b, device), 2)
+        for b in batches:
+            res[f"decode bs{b} ms/step"] = round(decode_ms(llm, req, b, tokens, device), 3)
+        if policy == "full" and llm.runner.graphs is not None:
+            res["graph replay bs1 ms"] = round(replay_ms(llm, 700), 3)
+            weights = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
+                          if "embed_tokens" not in n)
+        prompt_len = len(llm.processor.process(req).prompt_ids)
+        per_request = llm.cache.blocks_for([prompt_len + out_len] * llm.model_config.text.num_hidden_layers)
+        del llm
+        _free(device)
+        # Serving: a pool that holds about 16 full-LLaVA requests at their longest.
+        llm = LLM(d, policy=policy, max_num_seqs=64, num_kv_blocks=16 * per_request, **engine)
+        workload = build_workload(llm.tokenizer, 336, n_req, (out_len, out_len), 32, float("inf"), 0)
+        warm = BenchRequest(-1, 0.0, "", req["prompt"], req["image"], 2, 0)
+        run = summarize(run_engine(llm, policy, workload, warm, progress=False))
+        res["serving"] = {k: _round(run.get(k)) for k in ("output_tok_per_s", "req_per_s", "ttft_p50_s", "tpot_p50_s",
+                                                          "decode_step_mean_s", "kv_request_peak_blocks_mean",
+                                                          "mean_running", "visual_tokens_kept_mean", "preemptions")}
+        res["serving"]["pool blocks"] = 16 * per_request
+        del llm
+        _free(device)
+        progress()
+    if weights is not None:
+        bw = read_bandwidth(device)
+        out["hbm read GB/s"] = round(bw / 1e9)
+        out["HBM floor bs1 ms (decoder + head bytes / read bandwidth)"] = round(1000 * weights / bw, 3)
     return out
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def _image():
+    from PIL import Image
+    g = torch.Generator().manual_seed(3)
+    return Image.fromarray((torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

@@ -174,16 +174,26 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def plot_scales(runs: list[dict]) -> tuple[float, float]:
+    """(KV-blocks top, running-sequences top) shared by every panel, so panels compare at a glance."""
+    kv = max((max(r.get("kv_total_blocks") or 0, max((row[1] or 0) for row in r["timeline"]))
+              for r in runs if r["timeline"]), default=0)
+    running = max((max(row[2] for row in r["timeline"]) for r in runs if r["timeline"]), default=0)
+    return kv * 1.05 + 1, running + 1
+
+
 def plot(runs: list[dict], path: str, log=print) -> bool:
-    """KV blocks in use and running sequences over time, one panel per policy; False without matplotlib."""
+    """KV blocks in use (left axis) and running sequences (right axis) over time, one panel per policy,
+    every panel on the same scales, with a legend; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log(f"--plot {path}: matplotlib is needed for plots (pip install matplotlib); skipping the plot")
+        log(f"--plot {path}: matplotlib is needed for plots (pip install -e '.[bench]'); skipping the plot")
         return False
     runs = [r for r in runs if r["timeline"]]
+    kv_top, running_top = plot_scales(runs)
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.6 * max(1, len(runs))), squeeze=False, sharex=True)
     for ax, r in zip(axes[:, 0], runs):
         t = [row[0] for row in r["timeline"]]
@@ -193,11 +203,14 @@ def plot(runs: list[dict], path: str, log=print) -> bool:
             if r.get("kv_total_blocks"):
                 ax.axhline(r["kv_total_blocks"], color="tab:blue", linestyle=":", linewidth=1, label="KV pool")
         ax.set_ylabel("KV blocks", color="tab:blue")
+        ax.set_ylim(0, kv_top)
         ax2 = ax.twinx()
         ax2.step(t, [row[2] for row in r["timeline"]], where="post", color="tab:orange", label="running seqs")
         ax2.set_ylabel("running", color="tab:orange")
-        ax2.set_ylim(0, max(row[2] for row in r["timeline"]) + 1)
-        ax.set_ylim(0, max(r.get("kv_total_blocks") or 0, max((b or 0) for b in blocks)) * 1.05 + 1)
+        ax2.set_ylim(0, running_top)
+        handles, labels = ax.get_legend_handles_labels()
+        handles2, labels2 = ax2.get_legend_handles_labels()
+        ax2.legend(handles + handles2, labels + labels2, loc="upper right", fontsize="small")
         ax.set_title(f"{r['policy']}: {r['output_tok_per_s']:.2f} output tok/s, peak {r['peak_running']} running")
     axes[-1, 0].set_xlabel("seconds since the first arrival")
     fig.tight_layout()

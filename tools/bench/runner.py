@@ -49,25 +49,28 @@ class RunRecord:
 
 
 class Progress:
-    """A one-line live status on stderr (no dependencies); throttled to ~10 updates a second."""
+    """A live status on stderr (no dependencies): one line redrawn ~10 times a second on a terminal;
+    elsewhere (a pipe, a log file) a plain line every 10 s and the last one, with no control characters."""
 
     def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
         self.label, self.total, self.enabled = label, total, enabled
         self.stream = stream or sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bool(isatty and isatty())
         self.t0, self.last, self.shown = time.perf_counter(), 0.0, False
 
     def update(self, done: int, tokens: int, extra: str = "", force: bool = False) -> None:
         now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < 0.1):
+        if not self.enabled or (not force and now - self.last < (0.1 if self.live else 10.0)):
             return
         self.last, self.shown = now, True
         rate = tokens / max(now - self.t0, 1e-9)
-        self.stream.write(f"\r[{self.label:>6}] {done}/{self.total} requests  {tokens} tok  "
-                          f"{rate:8.1f} tok/s  {extra}\x1b[K")
+        line = f"[{self.label:>6}] {done}/{self.total} requests  {tokens} tok  {rate:8.1f} tok/s  {extra}"
+        self.stream.write(f"\r{line}\x1b[K" if self.live else line.rstrip() + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.shown:
+        if self.enabled and self.shown and self.live:
             self.stream.write("\n")
             self.stream.flush()
 

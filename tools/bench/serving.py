@@ -1,7 +1,7 @@
 """Serving benchmark: the same LLaVA workload through every policy (and optionally transformers).
 
     python -m tools.bench --preset cpu-32l --num-requests 16 --output-len 64 --policies full,st3 \\
-        --num-kv-blocks 4000 --json out.json --plot out.png
+        --num-kv-blocks 4000 --json-out out.json --plot out.png
 
 Presets write a model with RANDOM weights (real shapes, meaningless outputs) into a cache directory
 ($ST3_CACHE_DIR or ~/.cache/st3-engine, as bench-<preset>) on first use and reuse it afterwards:
@@ -9,12 +9,18 @@ Presets write a model with RANDOM weights (real shapes, meaningless outputs) int
   cpu-32l          32 decoder layers (hidden 256), 576 visual tokens (336 px / 14 px patches, 2-layer
                    narrow vision tower); a run takes minutes on 2 CPU cores
   llava-1.5-7b-4l  LLaVA-1.5-7B widths with 4 decoder and 4 vision layers (fp16 on disk); for GPUs
+With --backend openai --url http://127.0.0.1:PORT the same workload goes to a running
+`python -m engine.serve` (started on the same --model/--preset) as streaming chat requests, timed
+from the client; the server's own --policy applies and --policies is ignored.
 Random weights exercise exactly the compute and memory a trained model would, but say nothing about
 answer quality. Every request is greedy with ignore_eos, so every policy generates the same number
 of tokens. Arrivals, prompts, images and output lengths are drawn once from --seed and replayed
 identically for each policy, all in one process on the same weights. Policies run one after
 another, so anything else loading the machine in between skews the ratios: benchmark on an idle
 machine (the report warns when the load average says otherwise), or rerun with the order reversed.
+
+Policy knobs are the engine's flags (engine/policy_flags.py): each applies to every listed policy that
+has it (`--ratio 0.5` sets FastV's and ST3's alike) and must apply to at least one of them.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import random
 import sys
 from pathlib import Path
 
+from engine.policy_flags import add_policy_arguments, policy_params_from_args
 from tools.bench.report import format_table, plot, summarize
 from tools.bench.runner import hf_available, run_engine, run_hf
 from tools.bench.workload import (BENCH_PRESETS, BenchRequest, build_question, build_workload, parse_len_range,
@@ -37,7 +44,8 @@ ALL_POLICIES = ENGINE_POLICIES + ("hf",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+    # No abbreviations: `--json PATH` must not pass silently for --json-out (engine.generate's --json is a flag).
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     m = ap.add_argument_group("model").add_mutually_exclusive_group()
     m.add_argument("--model", metavar="DIR", help="a LLaVA-1.5 checkpoint directory")
@@ -45,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a random-weight bench model, written to the cache on first use (default: tiny)")
     ap.add_argument("--cache-dir", metavar="DIR", help="where presets live (default $ST3_CACHE_DIR or "
                                                        "~/.cache/st3-engine)")
+    b = ap.add_argument_group("backend")
+    b.add_argument("--backend", choices=["engine", "openai"], default="engine",
+                   help="engine: in-process (default); openai: a running server at --url (needs httpx)")
+    b.add_argument("--url", help="the server for --backend openai, e.g. http://127.0.0.1:8000")
     w = ap.add_argument_group("workload")
     w.add_argument("--num-requests", type=int, default=16)
     w.add_argument("--output-len", default="64", metavar="N|A:B",
@@ -59,15 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="full,fastv,pvtp,st3",
                    help=f"comma list from {','.join(ALL_POLICIES)}; hf = transformers generate, fp32, one "
                         "request at a time (skipped when transformers is not importable)")
-    p.add_argument("--fastv-layer", type=int)
-    p.add_argument("--fastv-ratio", type=float)
-    p.add_argument("--pvtp-start-layer", type=int, help="pvtp and st3")
-    p.add_argument("--pvtp-stride", type=int, help="pvtp and st3")
-    p.add_argument("--pvtp-ratio", type=float, help="pvtp and st3")
-    p.add_argument("--min-keep", type=int, help="fastv, pvtp and st3")
-    p.add_argument("--anneal-steps", type=int, help="st3")
-    p.add_argument("--anneal-floor", type=float, help="st3")
-    p.add_argument("--anneal-curve", choices=["linear", "cosine", "step"], help="st3")
+    add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
     e.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (a block = block-size tokens "
                                                      "of one layer); default: the engine's sizing")
@@ -78,21 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     o = ap.add_argument_group("output")
-    o.add_argument("--json", metavar="PATH", help="write config, metrics and timelines as JSON")
+    o.add_argument("--json-out", metavar="PATH", help="write config, metrics and timelines as JSON")
     o.add_argument("--plot", metavar="PATH.png", help="KV blocks in use and running sequences over time "
                                                       "(needs matplotlib)")
     o.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
     return ap
 
 
-def policy_params(args, name: str) -> dict:
-    """Only the flags that were given, so every policy keeps its own defaults otherwise."""
-    keys = {"fastv": {"layer": args.fastv_layer, "ratio": args.fastv_ratio, "min_keep": args.min_keep},
-            "pvtp": {"start_layer": args.pvtp_start_layer, "stride": args.pvtp_stride, "ratio": args.pvtp_ratio,
-                     "min_keep": args.min_keep}}
-    keys["st3"] = {**keys["pvtp"], "anneal_steps": args.anneal_steps, "anneal_floor": args.anneal_floor,
-                   "anneal_curve": args.anneal_curve}
-    return {k: v for k, v in keys.get(name, {}).items() if v is not None}
+def check_output_path(path: str | None, option: str) -> None:
+    """Before the run: a path the report can be written to (ValueError otherwise)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{option} {path!r} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option} {path!r} is not writable")
 
 
 def resolve(args, log) -> tuple[Path, list[str], tuple[int, int]]:
@@ -104,6 +112,13 @@ def resolve(args, log) -> tuple[Path, list[str], tuple[int, int]]:
                          f"choose from {','.join(ALL_POLICIES)}")
     if len(set(policies)) != len(policies):
         raise ValueError(f"--policies lists a policy twice: {args.policies!r}")
+    if args.backend == "openai" and not args.url:
+        raise ValueError("--backend openai needs --url (e.g. http://127.0.0.1:8000)")
+    if args.url and args.backend != "openai":
+        raise ValueError("--url only applies with --backend openai")
+    args.policy_params = policy_params_from_args(args, policies)
+    check_output_path(args.json_out, "--json-out")
+    check_output_path(args.plot, "--plot")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.prompt_len < 1:
@@ -116,13 +131,17 @@ def resolve(args, log) -> tuple[Path, list[str], tuple[int, int]]:
         if not (model / "config.json").is_file():
             raise ValueError(f"--model {str(model)!r} is not a model directory (no config.json)")
     else:
-        model = preset_model_dir(args.preset or "tiny", Path(args.cache_dir) if args.cache_dir else None, log=log)
+        try:
+            model = preset_model_dir(args.preset or "tiny", Path(args.cache_dir) if args.cache_dir else None,
+                                     log=log)
+        except ModuleNotFoundError as e:  # safetensors' writer needs numpy, which the engine itself does not
+            raise ValueError(f"writing the random-weight preset needs {e.name} (pip install -e '.[bench]')") from None
     from models.config import load_config
     from scheduler.policy import make_policy
     layers = load_config(model).text.num_hidden_layers
     for name in policies:
         if name != "hf":
-            make_policy(name, **policy_params(args, name)).validate(layers)
+            make_policy(name, **args.policy_params[name]).validate(layers)
     return model, policies, out_len
 
 
@@ -186,10 +205,11 @@ def _run(args, log) -> int:
     config = {
         "model": str(model), "preset": None if args.model else (args.preset or "tiny"),
         "random_weights": not args.model, "policies": policies,
-        "policy_params": {p: policy_params(args, p) for p in policies if p != "hf"},
+        "policy_params": {p: args.policy_params[p] for p in policies if p != "hf"},
         "num_requests": args.num_requests, "output_len": list(out_len), "prompt_len": args.prompt_len,
         "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate, "seed": args.seed,
-        "image_dir": args.image_dir, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
+        "image_dir": args.image_dir, "backend": args.backend, "url": args.url, "num_kv_blocks": args.num_kv_blocks,
+        "max_num_seqs": args.max_num_seqs,
         "block_size": args.block_size, "dtype": args.dtype, "device": args.device,
         "decoder_layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
         "visual_tokens_per_image": cfg.image_seq_length,
@@ -205,6 +225,12 @@ def _run(args, log) -> int:
 
     from engine import LLM
     records, loads = [], {}
+    if args.backend == "openai":
+        from tools.bench.openai_runner import run_openai
+        load0 = load_average()
+        records.append(run_openai(args.url, workload, warmup, not args.no_progress))
+        loads[records[-1].policy] = (load0, load_average())
+        policies = []
     for name in policies:
         load0 = load_average()
         if name == "hf":
@@ -218,7 +244,7 @@ def _run(args, log) -> int:
             if why is not None:
                 log(f"skipping hf: {why}")
             continue
-        llm = LLM(model, device=args.device, dtype=args.dtype, policy=name, policy_params=policy_params(args, name),
+        llm = LLM(model, device=args.device, dtype=args.dtype, policy=name, policy_params=args.policy_params[name],
                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs)
         try:
             records.append(run_engine(llm, name, workload, warmup, not args.no_progress))
@@ -242,9 +268,9 @@ def _run(args, log) -> int:
         print(f"WARNING: the 1-minute load average exceeded the {cpus} CPUs + 1 during {', '.join(busy)}: other "
               "work competed for the CPUs, so these timings (and ratios between runs) are unreliable; rerun on "
               "an idle machine, or try --threads 1.", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": config, "runs": runs}, indent=1))
-        log(f"wrote {args.json}")
+    if args.json_out:
+        Path(args.json_out).expanduser().write_text(json.dumps({"config": config, "runs": runs}, indent=1))
+        log(f"wrote {args.json_out}")
     if args.plot:
         plot(runs, args.plot, log=log)
     return 0

@@ -6,7 +6,7 @@ turns, so the visual tokens are computed once per image however many questions i
     [ prefix (P tokens) | turn 1, padded to L | turn 2, padded to L | ... | turn S ]
 
 Each turn sees the whole prefix and itself (causally), at the positions it would have as a lone
-first turn: exactly the single-turn samples the engine serves. `prefix_attention` computes that
+first turn: exactly the single-turn samples the engine serves. `PrefixAttention` computes that
 attention without a [T, T] mask, so training pays for prefix x turn and turn x turn scores only.
 A multi-turn conversation is the same layout with one long turn (Conversations.build_multi_turn).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.llama import Attend
+from models.llama import ForwardContext
 from models.tokenizer import Tokenizer
 from tools.demo.easy_vqa_data import DESCRIBE, Example
 
@@ -126,16 +126,19 @@ def collate(samples: list[Packed], pad: int) -> Batch:
                  torch.cat([torch.full_like(prefix, -100), labels.flatten(1)], 1), positions, P, S, L)
 
 
-def prefix_attention(batch: Batch) -> Attend:
-    """Attention for `batch`'s layout: the prefix is causal; each turn sees the prefix and itself, causally.
+class PrefixAttention(ForwardContext):
+    """Attention for a Batch's layout: the prefix is causal; each turn sees the prefix and itself, causally.
 
     Exactly softmax over [prefix keys ; the turn's own keys], computed as two small score blocks
     instead of one [T, T] block that is mostly masked out.
     """
-    P, S, L = batch.prefix_len, batch.num_turns, batch.turn_len
-    own_causal = torch.ones(L, L, dtype=torch.bool).tril()
 
-    def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __init__(self, batch: Batch):
+        self.P, self.S, self.L = batch.prefix_len, batch.num_turns, batch.turn_len
+        self.own_causal = torch.ones(self.L, self.L, dtype=torch.bool).tril()
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        P, S, L, own_causal = self.P, self.S, self.L, self.own_causal
         rep = q.shape[-2] // k.shape[-2]
         k, v = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)
         if S == 1:  # one turn (a multi-turn conversation): plain causal attention, SDPA's fused kernel
@@ -151,7 +154,6 @@ def prefix_attention(batch: Batch) -> Attend:
         turns = (torch.einsum("bshlp,bphd->bslhd", scores[..., :P], vp)
                  + torch.einsum("bshlm,bsmhd->bslhd", scores[..., P:], vs))
         return torch.cat([head.transpose(1, 2), turns.flatten(1, 2)], 1)
-    return attend
 
 
 def batches(examples: list[Example], conv: Conversations, feats: torch.Tensor, batch: int,

@@ -7,7 +7,8 @@ For each policy setting: exact-match accuracy on easy-VQA's test questions, exac
 "describe the image." captions against the labels, agreement of the captions with the full model's,
 and the prefill and decode time and KV blocks per request. All settings run in one process on the
 same requests (greedy), so the ratios are comparable. Settings are named `policy` (its defaults) or
-`policy:key=value,key=value` (e.g. `st3:ratio=0.5,anneal_floor=0.2`).
+`policy:key=value,key=value` (e.g. `st3:ratio=0.5,anneal_floor=0.2`), keys the policy's fields, the
+names of engine.generate's flags without the dashes (engine/policy_flags.py).
 """
 from __future__ import annotations
 
@@ -21,21 +22,13 @@ import torch
 
 from engine import LLM, SamplingParams
 from models.config import load_config
+from engine.policy_flags import parse_policy_spec
 from scheduler.policy import make_policy
 from tools.demo.easy_vqa_data import DESCRIBE, load_split, question_kind
 
 DEFAULT_SETTINGS = ["full", "fastv", "pvtp", "st3",
                     "st3:ratio=0.5,anneal_floor=0.25,anneal_steps=8",
                     "st3:start_layer=1,stride=1,ratio=0.5,anneal_floor=0.1,anneal_steps=4"]
-
-
-def parse_setting(s: str) -> tuple[str, dict]:
-    name, _, rest = s.partition(":")
-    params = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        params[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
-    return name, params
 
 
 class Timed:
@@ -64,7 +57,7 @@ def answer_kinds(question: str, gold: str) -> tuple[str, ...]:
 
 
 def evaluate(model: Path, setting: str, questions: list, captions: list, max_num_seqs: int) -> dict:
-    name, params = parse_setting(setting)
+    name, params = parse_policy_spec(setting)
     llm = LLM(model, policy=name, policy_params=params, max_num_seqs=max_num_seqs)
     timer = Timed(llm)
     reqs = [{"prompt": llm.tokenizer.chat_prompt(q, 1), "image": str(path)} for path, q, _ in questions + captions]
@@ -84,8 +77,15 @@ def evaluate(model: Path, setting: str, questions: list, captions: list, max_num
     }
 
 
+def usage_error(message: str) -> None:
+    """One `error: ...` line and exit code 2, as every CLI of the engine."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m tools.demo.eval_vqa", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "engine" / "demo_model"))
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="train: is a weakness the model's fit or its generalisation?")
@@ -94,19 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=";".join(DEFAULT_SETTINGS), help="settings separated by ';' (see above)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", help="write every figure (and the answers) here")
+    ap.add_argument("--json-out", metavar="PATH", help="write every figure (and the answers) here")
     args = ap.parse_args(argv)
     settings = [s.strip() for s in args.policies.split(";") if s.strip()]
     try:
         layers = load_config(Path(args.model)).text.num_hidden_layers
     except (OSError, ValueError) as e:
-        ap.error(f"--model: {e}")
+        usage_error(f"--model: {e}")
     for s in settings:  # all checked before the first one runs for minutes
-        name, params = parse_setting(s)
         try:
+            name, params = parse_policy_spec(s)
             make_policy(name, **params).validate(layers)
         except ValueError as e:
-            ap.error(f"--policies {s!r}: {e}")
+            usage_error(f"--policies {s!r}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     test = load_split(args.split)
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['prefill_s']:.1f} ({r['prefill_s'] / full['prefill_s']:.2f}x) "
               f"| {r['decode_s']:.1f} ({r['decode_s'] / full['decode_s']:.2f}x) "
               f"| {r['kv_blocks_per_request']:.1f} ({r['kv_blocks_per_request'] / full['kv_blocks_per_request']:.2f}x) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -17,14 +17,16 @@ class TimeBoxedCosine:
     Time spent inside `paused()` (evaluation) does not count.
     """
 
-    def __init__(self, peak: float, minutes: float, max_steps: int, warmup: int = 50):
+    def __init__(self, peak: float, minutes: float, max_steps: int, warmup: int = 50,
+                 clock: Callable[[], float] = time.perf_counter):
         self.peak, self.minutes, self.max_steps, self.warmup = peak, minutes, max_steps, warmup
-        self.t0 = time.perf_counter()
+        self.clock = clock  # seconds; tests pass a fake one
+        self.t0 = clock()
         self._paused = 0.0
 
     def minutes_elapsed(self) -> float:
         """Training minutes so far (pauses excluded)."""
-        return (time.perf_counter() - self.t0 - self._paused) / 60
+        return (self.clock() - self.t0 - self._paused) / 60
 
     def progress(self, step: int) -> float:
         """How far through the schedule `step` is, in [0, 1]."""
@@ -42,11 +44,11 @@ class TimeBoxedCosine:
     @contextmanager
     def paused(self):
         """A block whose time (an evaluation, say) the time box does not count."""
-        t = time.perf_counter()
+        t = self.clock()
         try:
             yield
         finally:
-            self._paused += time.perf_counter() - t
+            self._paused += self.clock() - t
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, lr: float) -> None:

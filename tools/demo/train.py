@@ -65,7 +65,7 @@ from tools.demo.lr_schedule import TimeBoxedCosine, train_time_boxed
 from tools.demo.preconditioner import fold_preconditioner, preconditioner
 from tools.fixtures.make_tiny_model import _hf_config, _save, build_config, preprocessor_config, random_state_dict
 from tools.fixtures.tiny_tokenizer import write_tokenizer
-from tools.demo.conversations import Batch, Conversations, batches, collate, prefix_attention
+from tools.demo.conversations import Batch, Conversations, batches, collate, PrefixAttention
 from tools.demo.tower import init_sincos_positions, pretrain_tower, tower_labels
 
 SIZES = dict(text_vocab=384, hidden=128, intermediate=344, text_layers=8, heads=4, kv_heads=4,
@@ -91,7 +91,7 @@ def tower_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor, c
 def logits_from_features(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.Tensor) -> torch.Tensor:
     """dense_logits with the tower's output given: projector, splice, decoder (all with autograd)."""
     embeds = model.embed(batch.ids, model.multi_modal_projector(feats))
-    return model.language_model.forward_dense(embeds, batch.positions, prefix_attention(batch))
+    return model.language_model.forward_dense(embeds, batch.positions, PrefixAttention(batch))
 
 
 def load_tower(model: LlavaForConditionalGeneration, src: Path) -> None:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tower-from", default=None,
-                    help="skip stage 1: take the trained vision tower from this earlier train_demo output")
+                    help="skip stage 1: take the trained vision tower from this earlier tools.demo.train output")
     ap.add_argument("--examples-only", action="store_true", help="only (re)write out/examples")
     args = ap.parse_args(argv)
     if args.whiten is not None and args.whiten < 0:

@@ -1,0 +1,94 @@
+"""VTA's decode-time eviction, on the device: fixed-shape tensor ops, so CUDA graphs can capture it.
+
+The step that produces the score rows for token t also evicts what must be gone before token t+1:
+rank each event layer's present visual entries by its score row (highest first, ties to the lower
+visual index), a token evicted at one event layer leaves every deeper layer too, and each
+(sequence, layer) is compacted so its survivors are entries 0..new_len-1: removed entries below the
+new length are overwritten by the surviving entries above it, k-th hole by k-th source, so only as
+many entries move as are removed. The new lengths come back to the host with the sampled tokens.
+
+Why no block is handed out again before the compaction that reads it has run: the host learns which
+tail blocks emptied only from the new lengths, which it reads after the step (the one device-to-host
+transfer of a step); every kernel of the step, the compaction included, was queued on the stream
+before that read, so any later write into a returned block is queued after it.
+
+Moves are bounded per step (scheduler.policy.removal_bound); the caller passes a static `cap` at least that large,
+so the move lists have a fixed shape. A step that would exceed it reports overflow instead of
+corrupting the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.block_pool import BlockPool
+from scheduler.policy import Full
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    """Static facts about a policy's decode evictions for one model depth."""
+    events: tuple[int, ...]       # event layers
+    first: int                    # layers below this never lose a visual entry
+    event_of_layer: torch.Tensor  # [L - first] index of the deepest event layer at or below each layer
+    event_rows: torch.Tensor      # [K] event layers counted from `first` (device tensors: no copy in a step)
+
+    @classmethod
+    def for_policy(cls, policy: Full, num_layers: int, device: torch.device) -> EvictionPlan | None:
+        events = tuple(policy.event_layers(num_layers))
+        if not policy.anneals or not events:
+            return None
+        k_of = [sum(e <= layer for e in events) - 1 for layer in range(events[0], num_layers)]
+        return cls(events, events[0], torch.tensor(k_of, device=device),
+                   torch.tensor([e - events[0] for e in events], device=device))
+
+
+def cap_bucket(moves: int) -> int:
+    """Static move-list length for a step: a power of two, at least 64 (few distinct CUDA graphs)."""
+    cap = 64
+    while cap < moves:
+        cap *= 2
+    return cap
+
+
+def _pack(slots: torch.Tensor, mask: torch.Tensor, cap: int, fill: int) -> torch.Tensor:
+    """The slots where `mask` holds, in row-major order, padded with `fill` to length cap (fixed shape)."""
+    flat = mask.reshape(-1)
+    rank = torch.cumsum(flat, 0) - 1
+    pos = torch.where(flat & (rank < cap), rank, cap)
+    out = torch.full((cap + 1,), fill, dtype=slots.dtype, device=slots.device)
+    return out.scatter_(0, pos, slots.reshape(-1))[:cap]
+
+
+def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch.Tensor, lens: torch.Tensor,
+          scores: torch.Tensor, budgets: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evict and compact on the device. Returns (new lens [B, L], overflow flag []): no host sync.
+
+    block_tables [B, L, W]; lens [B, L] entries per layer; scores [B, K, N + 1] by visual index (column N:
+    text sink); budgets [B, K] visual entries each event layer may keep.
+    """
+    bs, first = pool.block_size, plan.first
+    tables, held = block_tables[:, first:], lens[:, first:]
+    b, num_layers, w = tables.shape
+    n = scores.shape[-1] - 1
+    entry = torch.arange(w * bs, device=lens.device)
+    slots = (tables[..., None] * bs + torch.arange(bs, device=lens.device)).reshape(b, num_layers, w * bs)
+    valid = entry < held[..., None]
+    vis = pool.visual_index.index_select(0, slots.reshape(-1)).view_as(slots)
+    idx = torch.where(valid & (vis >= 0) & (vis < n), vis.long(), n)            # [B, L', T], n: not visual
+    present = torch.zeros(b, len(plan.events), n + 1, dtype=torch.bool, device=lens.device)
+    present.scatter_(2, idx.index_select(1, plan.event_rows), True)
+    gone = policy.evictions(present[..., :n], scores[..., :n].float(), budgets)  # [B, K, n]
+    gone = torch.nn.functional.pad(gone, (0, 1))                                 # column n: never gone
+    remove = gone.index_select(1, plan.event_of_layer).gather(2, idx)            # [B, L', T]
+    new = held - remove.sum(2)
+    below = entry < new[..., None]
+    holes, sources = remove & below, ~remove & valid & ~below
+    trash = pool.trash_slot
+    dst, src = _pack(slots, holes, cap, trash), _pack(slots, sources, cap, trash)
+    pool.k.index_copy_(0, dst, pool.k.index_select(0, src))
+    pool.v.index_copy_(0, dst, pool.v.index_select(0, src))
+    pool.visual_index.index_copy_(0, dst, pool.visual_index.index_select(0, src))
+    new_lens = torch.cat([lens[:, :first], new], 1)
+    return new_lens, holes.sum() > cap
