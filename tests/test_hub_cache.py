@@ -1,6 +1,7 @@
 """Model ids resolve to snapshots of a local Hugging Face cache (a fake cache tree here), never the network."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -109,9 +110,10 @@ def test_llm_and_cli_load_a_hub_id(env, tmp_path, tiny, capsys):
     assert LLM("org/tiny", num_kv_blocks=64).generate("hello there", params)[0].token_ids == want["main"]
     got = LLM("org/tiny", revision=V1, num_kv_blocks=64).generate("hello there", params)[0].token_ids
     assert got == want["v1"]
-    assert generate_main(["--model", "org/tiny", "--prompt", "hello there", "--raw-prompt", "--max-tokens", "4",
-                          "--json"]) == 0
-    assert '"token_ids"' in capsys.readouterr().out
+    for rev in ("main", V1):
+        assert generate_main(["--model", "org/tiny", "--revision", rev, "--prompt", "hello there", "--raw-prompt",
+                              "--max-tokens", "4", "--temperature", "0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"][:4] == want["main" if rev == "main" else "v1"]
     assert generate_main(["--model", "org/absent", "--prompt", "q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: org/absent: model directory not found") and err.count("\n") == 1
