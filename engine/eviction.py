@@ -52,13 +52,22 @@ def cap_bucket(moves: int) -> int:
     return cap
 
 
-def _pack(slots: torch.Tensor, mask: torch.Tensor, cap: int, fill: int) -> torch.Tensor:
-    """The slots where `mask` holds, in row-major order, padded with `fill` to length cap (fixed shape)."""
+def _pack(mask: torch.Tensor, cap: int) -> torch.Tensor:
+    """Flat indices where `mask` holds, in row-major order, padded with -1 to length cap (fixed shape)."""
     flat = mask.reshape(-1)
-    rank = torch.cumsum(flat, 0) - 1
-    pos = torch.where(flat & (rank < cap), rank, cap)
-    out = torch.full((cap + 1,), fill, dtype=slots.dtype, device=slots.device)
-    return out.scatter_(0, pos, slots.reshape(-1))[:cap]
+    rank = torch.cumsum(flat, 0, dtype=torch.int32) - 1
+    pos = torch.where(flat & (rank < cap), rank, cap).long()
+    out = torch.full((cap + 1,), -1, dtype=torch.int64, device=mask.device)
+    return out.scatter_(0, pos, torch.arange(flat.numel(), device=mask.device))[:cap]
+
+
+def _slots(tables: torch.Tensor, entries: torch.Tensor, block_size: int, trash: int) -> torch.Tensor:
+    """Slot ids of flat entry indices over tables [B, L, W] (entry = (b * L + l) * W * bs + j); -1 -> trash."""
+    per_row = tables.shape[-1] * block_size
+    f = entries.clamp(min=0)
+    j = f % per_row
+    slot = tables.reshape(-1, tables.shape[-1])[f // per_row, j // block_size] * block_size + j % block_size
+    return torch.where(entries >= 0, slot, trash)
 
 
 def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch.Tensor, lens: torch.Tensor,
@@ -73,10 +82,11 @@ def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch
     b, num_layers, w = tables.shape
     n = scores.shape[-1] - 1
     entry = torch.arange(w * bs, device=lens.device)
-    slots = (tables[..., None] * bs + torch.arange(bs, device=lens.device)).reshape(b, num_layers, w * bs)
     valid = entry < held[..., None]
-    vis = pool.visual_index.index_select(0, slots.reshape(-1)).view_as(slots)
-    idx = torch.where(valid & (vis >= 0) & (vis < n), vis.long(), n)            # [B, L', T], n: not visual
+    # Whole blocks at a time: the visual index of every entry the tables span, [B, L', W * bs].
+    vis = pool.visual_index[:-1].view(-1, bs).index_select(0, tables.reshape(-1)).view(b, num_layers, w * bs)
+    # A request's visual indices are below its N0 <= n (add_request checks), so only padding needs masking.
+    idx = torch.where(valid & (vis >= 0), vis, n).long()                         # [B, L', T], n: not visual
     present = torch.zeros(b, len(plan.events), n + 1, dtype=torch.bool, device=lens.device)
     present.scatter_(2, idx.index_select(1, plan.event_rows), True)
     gone = policy.evictions(present[..., :n], scores[..., :n].float(), budgets)  # [B, K, n]
@@ -86,7 +96,8 @@ def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch
     below = entry < new[..., None]
     holes, sources = remove & below, ~remove & valid & ~below
     trash = pool.trash_slot
-    dst, src = _pack(slots, holes, cap, trash), _pack(slots, sources, cap, trash)
+    dst = _slots(tables, _pack(holes, cap), bs, trash)
+    src = _slots(tables, _pack(sources, cap), bs, trash)
     pool.k.index_copy_(0, dst, pool.k.index_select(0, src))
     pool.v.index_copy_(0, dst, pool.v.index_select(0, src))
     pool.visual_index.index_copy_(0, dst, pool.visual_index.index_select(0, src))
