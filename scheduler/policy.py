@@ -86,16 +86,15 @@ class Full:
         number to keep there. Returns `gone[b, k, v]`: v leaves event layer k and every layer above it
         (a token evicted at one event layer is evicted from all deeper ones too).
         """
-        b, num_events, n = present.shape
-        ranks = torch.arange(n, device=present.device).expand(b, n)
-        gone = torch.zeros(b, n, dtype=torch.bool, device=present.device)
+        # One sort for every event layer: each row by its own scores, highest first, ties to the lower
+        # index (stable). Membership then only filters that order, so no per-layer re-sort is needed.
+        order = torch.sort(-scores, dim=2, stable=True).indices                  # [B, K, n]
+        gone = torch.zeros_like(present[:, 0])
         out = torch.zeros_like(present)
-        for k in range(num_events):
-            members = present[:, k] & ~gone
-            # Highest score first, ties to the lower index (stable sort); non-members sort last.
-            order = torch.sort(torch.where(members, -scores[:, k], math.inf), dim=1, stable=True).indices
-            rank = torch.empty_like(order).scatter_(1, order, ranks)
-            gone |= members & (rank >= budgets[:, k, None])
+        for k in range(present.shape[1]):
+            members = (present[:, k] & ~gone).gather(1, order[:, k])             # in score order
+            rank = torch.cumsum(members, 1) - 1                                  # rank among members
+            gone = gone | torch.zeros_like(gone).scatter_(1, order[:, k], members & (rank >= budgets[:, k, None]))
             out[:, k] = gone
         return out
 
