@@ -17,22 +17,14 @@ import torch
 from PIL import Image
 
 from engine import LLM, SamplingParams
-from tools.bench.decode import model_dir
+from tools.bench.decode import decode_step_times, model_dir
 
 
 def step_times(llm: LLM, batch: int, tokens: int) -> list[float]:
     """ms of every decode step of `batch` greedy text requests run together."""
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        llm.add_request(f"Tell me a long story about the number {i}, please.", sp)
-    times = []
-    while llm.has_unfinished():
-        decode = not llm.scheduler.waiting
-        t0 = time.perf_counter()
-        llm.step()
-        if decode:
-            times.append(1000 * (time.perf_counter() - t0))
-    return times
+    reqs = [f"Tell me a long story about the number {i}, please." for i in range(batch)]
+    return [1000 * t for t in decode_step_times(llm, reqs, sp)]
 
 
 def prefill_ms(llm: LLM) -> float:

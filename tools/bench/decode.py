@@ -51,8 +51,13 @@ def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
     q = "Describe the picture in as much detail as you can, please."
     reqs = [{"prompt": llm.tokenizer.chat_prompt(q, 1), "image": img}] * batch
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    for r in reqs:
-        llm.add_request(r, sp)
+    return 1000 * statistics.median(decode_step_times(llm, reqs, sp))
+
+
+def decode_step_times(llm: LLM, requests: list, params: SamplingParams) -> list[float]:
+    """Seconds of every decode step while `requests` run together (prefill steps excluded)."""
+    for r in requests:
+        llm.add_request(r, params)
     times = []
     while llm.has_unfinished():
         decode = not llm.scheduler.waiting
@@ -60,7 +65,7 @@ def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
         llm.step()
         if decode:
             times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return times
 
 
 @torch.inference_mode()
