@@ -10,9 +10,12 @@ times what it needs.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
+
+log = logging.getLogger("st3")
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -109,16 +112,26 @@ class LazyGraphs:
 
     def __init__(self, pool):
         self.pool, self.graphs, self.outputs = pool, {}, {}
+        self.failed: str | None = None  # why capture failed; the step then runs as eager launches
 
     def run(self, key, step: Callable, neutralise: Callable[[], object], restore: Callable[[object], None]):
+        if self.failed is not None:
+            return step()
         if key not in self.graphs:
             saved = neutralise()
-            step()  # warm-up outside the capture, on inputs that make it a no-op
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.outputs[key] = step()
-            restore(saved)
-            self.graphs[key] = g
+            try:
+                step()  # warm-up outside the capture, on inputs that make it a no-op
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    self.outputs[key] = step()
+                self.graphs[key] = g
+            except RuntimeError as e:  # still correct without the graph, and still free of host syncs
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("eviction graph capture failed, running it eagerly: %s", self.failed)
+            finally:
+                restore(saved)
+            if self.failed is not None:
+                return step()
         self.graphs[key].replay()
         return self.outputs[key]

@@ -205,6 +205,9 @@ def no_sync(model_dir: Path) -> dict:
             setattr(llm.runner, name, lambda *a, _fn=fn, **k: guarded(_fn, *a, **k))
         assert staggered(llm) == first, "the guarded run differs from the first"
         out["eager" if eager else "graphs"] = "no sync"
+        if not eager:
+            out["eviction graphs captured"] = len(llm.runner.evict_graphs.graphs)
+            assert llm.runner.evict_graphs.failed is None, f"eviction graph capture: {llm.runner.evict_graphs.failed}"
     return out
 
 

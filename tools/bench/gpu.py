@@ -118,12 +118,16 @@ def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "
         res = out[policy] = {"start-up s": round(time.perf_counter() - t0, 1),
                              "graphs": llm.runner.graphs is not None,
                              "triton attention": llm.runner.attention.use_triton}
+        evict_graphs = llm.runner.evict_graphs
         req = {"prompt": llm.tokenizer.chat_prompt("Describe the image in detail.", 1),
                "image": _image()}
         for b in (1, 16) if not smoke else (1, 4):
             res[f"prefill bs{b} ms"] = round(prefill_ms(llm, req, b, device), 2)
         for b in batches:
             res[f"decode bs{b} ms/step"] = round(decode_ms(llm, req, b, tokens, device), 3)
+        if evict_graphs is not None:
+            res["eviction graphs captured"] = len(evict_graphs.graphs)
+            res["eviction graph failure"] = evict_graphs.failed
         if policy == "full" and llm.runner.graphs is not None:
             res["graph replay bs1 ms"] = round(replay_ms(llm, 700), 3)
             weights = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
