@@ -63,15 +63,23 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(b, t, *cache.shape[1:]).transpose(1, 2)
 
 
+def _strided_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y over the [B, Hkv] dims, where y is a view of gathered keys or values ([B, T, Hkv, D] in memory).
+
+    Neither dim alone can batch a 4-D matmul without first copying y into a new layout (3x slower on
+    CPUs), but each one can batch a bmm with the other looped: loop over the shorter one.
+    """
+    b, h = y.shape[:2]
+    if b <= h:
+        return torch.stack([torch.bmm(x[i], y[i]) for i in range(b)])
+    return torch.stack([torch.bmm(x[:, g], y[:, g]) for g in range(h)], 1)
+
+
 def decode_probs(q: torch.Tensor, k_all: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
     """fp32 attention probabilities [B, Hkv, rep, T] of one query per sequence; entries >= lens get 0."""
     b, h, d = q.shape
     hkv, t = k_all.shape[1], k_all.shape[2]
-    qf = _fold(q, hkv).float()
-    # One KV head at a time: its [B, T, D] slice of the gathered keys is a strided matrix bmm reads as it
-    # is, where a 4-D matmul would first copy all keys into a [B, Hkv, D, T] layout (3x slower on CPUs).
-    logits = torch.stack([torch.bmm(qf[:, g], k_all[:, g].float().transpose(1, 2)) for g in range(hkv)], 1)
-    logits = logits / math.sqrt(d)
+    logits = _strided_bmm(_fold(q, hkv).float(), k_all.float().transpose(-1, -2)) / math.sqrt(d)
     if lens is not None:
         valid = torch.arange(t, device=q.device)[None, :] < lens[:, None]      # [B, T]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -94,8 +102,7 @@ def decode_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, 
         out = F.scaled_dot_product_attention(_fold(q, k_all.shape[1]), k_all, v_all, attn_mask=mask)
         return out.reshape(b, h, d), None
     probs = decode_probs(q, k_all, lens)
-    p = probs.to(v_all.dtype)
-    out = torch.stack([torch.bmm(p[:, g], v_all[:, g]) for g in range(v_all.shape[1])], 1).reshape(b, h, d)
+    out = _strided_bmm(probs.to(v_all.dtype), v_all).reshape(b, h, d)
     return out, probs.mean(dim=(1, 2))
 
 
