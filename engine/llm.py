@@ -195,19 +195,16 @@ class LLM(Entrypoints):
             tokens_l, new_lens = self.runner.read_back(tokens, eviction)
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
             return self._fail(seqs, e)
-        peak = self.cache.blocks_held_many([s.seat for s in seqs])  # before the eviction returns blocks
-        if new_lens is not None:
-            self.scheduler.apply_evictions(seqs, new_lens)
+        held = self.cache.blocks_held_many([s.seat for s in seqs])  # what this forward held
         want_lp = [s for s in seqs if s.params.logprobs is not None and not s.replaying]
         top = None
         if want_lp:
             k = max(s.params.logprobs for s in want_lp)
             top = torch.topk(logprobs, k) if k > 0 else None
         now = time.perf_counter()
-        held = self.cache.blocks_held_many([s.seat for s in seqs])
         outputs = []
         for b, seq in enumerate(seqs):
-            seq.kv_peak_blocks = max(seq.kv_peak_blocks, peak[b])
+            seq.kv_peak_blocks = max(seq.kv_peak_blocks, held[b])
             if seq.replaying:  # recompute after preemption: keep the recorded token
                 seq.cursor += 1
                 continue
@@ -230,6 +227,12 @@ class LLM(Entrypoints):
             outputs.append(self._output(seq, self._texts[seq.request_id].delta(seq), held[b]))
             if seq.is_finished and seq.request_id not in self._owned:
                 self._forget(seq.request_id)  # add_request/step users got their last output
+        if new_lens is not None:
+            # Only now, after the stop checks: a finished sequence frees all its blocks anyway, and its
+            # stats keep the visual sets its last forward attended (the eviction was for a next token).
+            live = [b for b, s in enumerate(seqs) if s.status is Status.RUNNING]
+            if live:
+                self.scheduler.apply_evictions([seqs[b] for b in live], new_lens[live])
         return self._families.merge(outputs)  # one output per request (n > 1: its completions together)
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> list[RequestOutput]:

@@ -107,3 +107,13 @@ def test_st3_score_buffers_bound_the_images(model_dir, requests_):
     with pytest.raises(RequestError, match="max_images_per_prompt"):
         llm.add_request(requests_[3])
     assert LLM(model_dir, policy="full", num_kv_blocks=600).generate([requests_[3]], _params([2]))[0].token_ids
+
+
+def test_answers_that_end_inside_the_anneal(model_dir, requests_):
+    """The eviction a forward runs for the next token is not counted when no next token comes: a request
+    that stops mid-anneal reports the visual sets its last forward attended, as the reference does."""
+    kind, params = "st3", {"anneal_steps": 8, "anneal_floor": 0.0}
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
+    reqs, lengths = [requests_[0], requests_[2], requests_[0], requests_[3]], [1, 2, 3, 5]
+    _check(llm, llm.generate(reqs, _params(lengths)), reqs, kind, params, lengths)
+    assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
