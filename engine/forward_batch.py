@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from models.llama import ForwardContext
-from scheduler.policy import keep_top
 
 from .attention import PagedAttention
 
@@ -44,12 +43,19 @@ class ForwardBatch(ForwardContext):
             return h, positions
         k = self.score_layers.index(layer_idx - 1)
         vis, owner = self.visual_of_row, self.seq_of_row
-        keep = torch.ones_like(vis, dtype=torch.bool)
-        for b, budget in enumerate(self.event_budgets[layer_idx]):
-            rows = ((owner == b) & (vis >= 0)).nonzero().squeeze(1)
-            if rows.numel() > budget:
-                # Rows are in position order, so ties go to the lower position as in the reference.
-                keep[rows] = keep_top(self.scores[b, k].index_select(0, vis[rows]), budget)
+        is_vis = vis >= 0
+        # Rank every visual row within its sequence at once: by score, highest first (stable, so ties go
+        # to the lower row = the lower position), then grouped by sequence keeping that order; text rows
+        # sort after their sequence's visual rows and are always kept.
+        key = torch.where(is_vis, -self.scores[owner, k, vis.clamp(min=0)], torch.inf)
+        order = torch.sort(key, stable=True).indices
+        order = order[torch.sort(owner[order], stable=True).indices]
+        counts = torch.bincount(owner, minlength=self.num_seqs)
+        start = torch.cumsum(counts, 0) - counts                                 # each sequence's first slot
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device) - start[owner[order]]
+        budget = torch.tensor(self.event_budgets[layer_idx], device=owner.device)[owner]
+        keep = ~is_vis | (rank < budget)
         self.seq_of_row, self.visual_of_row = owner[keep], vis[keep]
         return h[keep], positions[keep]
 

@@ -73,7 +73,8 @@ class LLM(Entrypoints):
             self.model = load_model(self.model_dir, dev, self.config.torch_dtype, self.model_config)
         else:
             raise EngineError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
-        pool = BlockPool(kv_pool_blocks(self.config, self.model_config, self.model, self.max_model_len), block_size, text.num_key_value_heads, text.head_dim,
+        blocks = kv_pool_blocks(self.config, self.model_config, self.model, self.max_model_len)
+        pool = BlockPool(blocks, block_size, text.num_key_value_heads, text.head_dim,
                          self.config.torch_dtype, dev)
         log.info("KV pool: %d blocks of %d tokens, %.1f MiB, %s on %s", pool.num_blocks, block_size,
                  (pool.k.nbytes + pool.v.nbytes) / 2**20, self.config.dtype, dev)

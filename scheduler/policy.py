@@ -22,14 +22,6 @@ def round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k highest scores (1-D, in position order); ties go to the lower index."""
-    order = torch.sort(-scores, stable=True).indices
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[:k]] = True
-    return keep
-
-
 @dataclass(frozen=True)
 class Full:
     """Plain LLaVA: every layer keeps every visual token."""

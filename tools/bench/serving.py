@@ -214,7 +214,8 @@ def _run(args, log) -> int:
         "decoder_layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
         "visual_tokens_per_image": cfg.image_seq_length,
         "text_prompt_tokens_mean": sum(r.text_tokens for r in workload) / len(workload),
-        "engine_version": engine_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "engine_version": engine_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "machine": platform.machine(),
     }
     print(f"model {model} ({'random weights, ' if not args.model else ''}{cfg.text.num_hidden_layers} layers, "
