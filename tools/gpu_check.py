@@ -30,7 +30,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams
 from engine.attention import decode_attention, entry_slots, gather_kv
-from tools.bench.gpu import measure
+from tools.bench.gpu import measure, table
 from tools.fixtures.make_tiny_model import make_tiny_model
 from tools.fixtures.sync_guard import no_host_sync
 
@@ -273,6 +273,7 @@ def main() -> int:
                 write_results()
     failed = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
     print(json.dumps({k: v for k, v in RESULTS.items() if k != "checks"}, indent=2))
+    print(table(RESULTS["bench"]))
     print(f"{len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 

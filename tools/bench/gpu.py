@@ -168,3 +168,29 @@ def _image():
 def _free(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def table(out: dict) -> str:
+    """The README's GPU table (markdown) from measure()'s results: every policy, ratios to full."""
+    policies = [p for p in POLICIES if p in out]
+    if "full" not in policies:
+        return ""
+    rows = [k for k in out["full"] if k.endswith(" ms") or k.endswith(" ms/step")]
+
+    def cell(policy: str, value, ref) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.2f}" if policy == "full" or not ref else f"{value:.2f} ({value / ref:.2f}×)"
+    lines = ["| | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
+    for key in rows:
+        ref = out["full"].get(key)
+        lines.append(f"| {key} | " + " | ".join(cell(p, out[p].get(key), ref) for p in policies) + " |")
+    key = "output_tok_per_s"
+    ref = out["full"].get("serving", {}).get(key)
+    lines.append("| serving output tok/s | " + " | ".join(cell(p, out[p].get("serving", {}).get(key), ref)
+                                                       for p in policies) + " |")
+    floor = out.get("HBM floor bs1 ms (decoder + head bytes / read bandwidth)")
+    replay = out["full"].get("graph replay bs1 ms")
+    if floor and replay:
+        lines.append(f"\nfull's batch-1 graph replay {replay:.2f} ms = {replay / floor:.2f}× the HBM floor ({floor:.2f} ms)")
+    return "\n".join(lines)
