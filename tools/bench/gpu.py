@@ -192,5 +192,6 @@ def table(out: dict) -> str:
     floor = out.get("HBM floor bs1 ms (decoder + head bytes / read bandwidth)")
     replay = out["full"].get("graph replay bs1 ms")
     if floor and replay:
-        lines.append(f"\nfull's batch-1 graph replay {replay:.2f} ms = {replay / floor:.2f}× the HBM floor ({floor:.2f} ms)")
+        lines.append(f"\nfull's batch-1 graph replay {replay:.2f} ms = {replay / floor:.2f}× "
+                     f"the HBM floor ({floor:.2f} ms)")
     return "\n".join(lines)
