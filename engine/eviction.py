@@ -12,9 +12,9 @@ tail blocks emptied only from the new lengths, which it reads after the step (th
 transfer of a step); every kernel of the step, the compaction included, was queued on the stream
 before that read, so any later write into a returned block is queued after it.
 
-Moves are bounded per step (scheduler.policy.removal_bound); the caller passes a static `cap` at least that large,
-so the move lists have a fixed shape. A step that would exceed it reports overflow instead of
-corrupting the cache.
+Moves are bounded per step (scheduler.policy.removal_bound); the caller passes a static `cap` at
+least that large, so the move lists have a fixed shape. A step that would exceed it reports overflow
+instead of corrupting the cache silently.
 """
 from __future__ import annotations
 

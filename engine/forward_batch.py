@@ -59,10 +59,6 @@ class ForwardBatch(ForwardContext):
         self.seq_of_row, self.visual_of_row = owner[keep], vis[keep]
         return h[keep], positions[keep]
 
-    def seq_lens(self) -> list[int]:
-        """Prefill rows per sequence at the current layer."""
-        return torch.bincount(self.seq_of_row, minlength=self.num_seqs).tolist()
-
     def last_rows(self) -> torch.Tensor:
         """Index of each sequence's last row (prefill) or every row (decode)."""
         if not self.is_prefill:
