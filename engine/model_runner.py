@@ -74,7 +74,7 @@ class ModelRunner:
         budgets = [policy.budgets(s.num_visual, L) for s in seqs]
         score_layers = tuple(policy.score_layers(L, decode=False))
         batch = ForwardBatch(
-            self.attention, True, self.cache.tables[seats][:, :, :width].to(dev), lens.to(dev), score_layers,
+            self.attention, True, self.cache.tables[:, :, :width][seats].to(dev), lens.to(dev), score_layers,
             torch.zeros(len(seqs), len(score_layers), max(s.num_visual for s in seqs) + 1, device=dev),
             seq_of_row=torch.cat(owner), visual_of_row=torch.cat(vis), num_seqs=len(seqs),
             event_budgets={e: [g[e] for g in budgets] for e in policy.event_layers(L)})
@@ -177,7 +177,7 @@ class ModelRunner:
             width = min(w for w in self.widths if w >= width)
         scored = evict_budgets is not None
         self.buffers.fill(n, rows, torch.tensor(tokens), torch.tensor(positions), slot_mapping,
-                          self.cache.tables[seats][:, :, :width], lens,
+                          self.cache.tables[:, :, :width][seats], lens,
                           torch.tensor(evict_budgets[0]) if scored else None)
         if self.graphs is not None:
             logits = self.graphs.replay(rows, width, scored)

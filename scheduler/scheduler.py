@@ -124,9 +124,8 @@ class Scheduler:
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""
         seats = [s.seat for s in seqs]
-        removed = (self.cache.lens[seats] - new_lens).tolist()
+        removed = self.cache.lens[seats] - new_lens
         freed = self.cache.shrink(seats, new_lens)
-        for seq, r in zip(seqs, removed):
-            if any(r):
-                seq.visual_per_layer = [k - x for k, x in zip(seq.visual_per_layer, r)]
+        for b in removed.any(1).nonzero().flatten().tolist():  # the sequences that lost anything
+            seqs[b].visual_per_layer = [k - x for k, x in zip(seqs[b].visual_per_layer, removed[b].tolist())]
         return freed
