@@ -60,7 +60,5 @@ class ForwardBatch(ForwardContext):
         return h[keep], positions[keep]
 
     def last_rows(self) -> torch.Tensor:
-        """Index of each sequence's last row (prefill) or every row (decode)."""
-        if not self.is_prefill:
-            return torch.arange(self.context_lens.shape[0], device=self.context_lens.device)
+        """Index of each prefill sequence's last row (the one whose logits pick the first token)."""
         return torch.cumsum(torch.bincount(self.seq_of_row, minlength=self.num_seqs), 0) - 1

@@ -47,6 +47,8 @@ class LLM(Entrypoints):
         """`seed` draws the seeds of requests that bring none: None = from the OS, an int = reproducible."""
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if not isinstance(max_images_per_prompt, int) or max_images_per_prompt < 1:  # before any weight loads
+            raise EngineError(f"max_images_per_prompt must be an integer >= 1, got {max_images_per_prompt!r}")
         self.config = EngineConfig(device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -81,8 +83,6 @@ class LLM(Entrypoints):
         self.cache = LayeredKVCache(pool, text.num_hidden_layers, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.cache, self.policy, text.num_hidden_layers, max_num_seqs,
                                    max(max_num_batched_tokens, self.max_model_len))
-        if not isinstance(max_images_per_prompt, int) or max_images_per_prompt < 1:
-            raise EngineError(f"max_images_per_prompt must be an integer >= 1, got {max_images_per_prompt!r}")
         # ST3 keeps one decode score row per visual token in static buffers sized for this many tokens.
         self.max_visual = max_images_per_prompt * self.model_config.image_seq_length
         self.runner = ModelRunner(self.model, self.cache, self.policy, dev, self.max_visual)

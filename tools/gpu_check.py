@@ -30,7 +30,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams
 from engine.attention import decode_attention, entry_slots, gather_kv
-from tools.bench.gpu import measure, table
+from tools.bench.gpu import free_memory, measure, table
 from tools.fixtures.make_tiny_model import make_tiny_model
 from tools.fixtures.sync_guard import no_host_sync
 
@@ -95,7 +95,7 @@ def parity(model_dir: Path) -> dict:
         if dtype == torch.float32:
             assert tokens == hf_tokens, f"greedy tokens differ: {tokens} vs {hf_tokens}"
         del llm, hf
-        free_memory()
+        free_memory(DEV)
     return out
 
 
@@ -221,11 +221,6 @@ def guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-
-
-def free_memory() -> None:
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
 
 
 @check("every policy at LLaVA-1.5-7B geometry")

@@ -135,7 +135,7 @@ def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "
         prompt_len = len(llm.processor.process(req).prompt_ids)
         per_request = llm.cache.blocks_for([prompt_len + out_len] * llm.model_config.text.num_hidden_layers)
         del llm
-        _free(device)
+        free_memory(device)
         # Serving: a pool that holds about 16 full-LLaVA requests at their longest.
         llm = LLM(d, policy=policy, max_num_seqs=64, num_kv_blocks=16 * per_request, **engine)
         workload = build_workload(llm.tokenizer, 336, n_req, (out_len, out_len), 32, float("inf"), 0)
@@ -146,7 +146,7 @@ def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "
                                                           "mean_running", "visual_tokens_kept_mean", "preemptions")}
         res["serving"]["pool blocks"] = 16 * per_request
         del llm
-        _free(device)
+        free_memory(device)
         progress()
     if weights is not None:
         bw = read_bandwidth(device)
@@ -165,7 +165,8 @@ def _image():
     return Image.fromarray((torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
-def _free(device: str) -> None:
+def free_memory(device: str) -> None:
+    """Hand cached device memory back between engines (a no-op on CPUs)."""
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
