@@ -56,11 +56,13 @@ def entry_slots(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
     return (block_tables[:, :, None] * block_size + offsets).view(b, -1)
 
 
-def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """[B, T] slots -> [B, Hkv, T, D] keys or values."""
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] slots -> [B, Hkv, T, D] keys or values (written into `out`, [B * T, Hkv, D], when given)."""
     # index_select, not cache[slots]: on CPU advanced indexing is several times slower here.
     b, t = slots.shape
-    return cache.index_select(0, slots.reshape(-1)).view(b, t, *cache.shape[1:]).transpose(1, 2)
+    flat = torch.index_select(cache, 0, slots.reshape(-1), out=out) if out is not None \
+        else cache.index_select(0, slots.reshape(-1))
+    return flat.view(b, t, *cache.shape[1:]).transpose(1, 2)
 
 
 def _strided_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,6 +113,24 @@ class PagedAttention:
 
     def __init__(self, pool: BlockPool, use_triton: bool = False):
         self.pool, self.block_size, self.use_triton = pool, pool.block_size, use_triton
+        self._workspace: torch.Tensor | None = None  # CPU: [2, entries, Hkv, D], reused by every gather
+
+    def _gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `slots` [B, T] as [B, Hkv, T, D] views.
+
+        On CPUs they land in one reused workspace: a fresh buffer of tens of MB is mapped and
+        page-faulted in by the allocator on every call, which cost ~5x the copy itself (at batch 16).
+        The workspace is as large as the largest single-layer gather so far; views of it are valid
+        until the next layer's gather. CUDA's caching allocator reuses memory by itself.
+        """
+        pool = self.pool
+        if pool.k.device.type != "cpu":
+            return gather_kv(pool.k, slots), gather_kv(pool.v, slots)
+        n = slots.numel()
+        if self._workspace is None or self._workspace.shape[1] < n:
+            self._workspace = pool.k.new_empty(2, n, *pool.k.shape[1:])
+        work = self._workspace[:, :n]
+        return gather_kv(pool.k, slots, work[0]), gather_kv(pool.v, slots, work[1])
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  batch: ForwardBatch) -> torch.Tensor:
@@ -155,7 +175,7 @@ class PagedAttention:
             n = batch.layer_lens[layer]
             slots_all = entry_slots(tables[:, :-(-n // bs)], bs)[:, :n]
             mask_lens = None if q.shape[0] == 1 else lens
-        out, row = decode_attention(q, gather_kv(pool.k, slots_all), gather_kv(pool.v, slots_all), mask_lens, want)
+        out, row = decode_attention(q, *self._gather(slots_all), mask_lens, want)
         if want:
             vis = pool.visual_index.index_select(0, slots_all.reshape(-1)).view_as(slots_all)
             valid = torch.arange(vis.shape[1], device=vis.device)[None, :] < lens[:, None]

@@ -12,9 +12,12 @@ tail blocks emptied only from the new lengths, which it reads after the step (th
 transfer of a step); every kernel of the step, the compaction included, was queued on the stream
 before that read, so any later write into a returned block is queued after it.
 
-Moves are bounded per step (scheduler.policy.removal_bound); the caller passes a static `cap` at
-least that large, so the move lists have a fixed shape. A step that would exceed it reports overflow
-instead of corrupting the cache silently.
+Move lists have a static length `cap`, so their shape is fixed. The safe cap is a worst-case bound
+(scheduler.policy.removal_bound), typically ~5x the moves a step really makes, and every padded move
+is a row copied (to a trash slot). So decode steps pass a cap sized from the moves the host expects;
+a step whose moves exceed its cap moves nothing and leaves the lengths as they were. The host reads
+the move count with the new lengths, and redoes such a step with the safe cap (its inputs, scores
+included, are untouched).
 """
 from __future__ import annotations
 
@@ -45,10 +48,10 @@ class EvictionPlan:
 
 
 def cap_bucket(moves: int) -> int:
-    """Static move-list length for a step: a power of two, at least 64 (few distinct CUDA graphs)."""
+    """Static move-list length for a step: 64, 96, 128, 192, 256, 384, ... (few distinct CUDA graphs)."""
     cap = 64
     while cap < moves:
-        cap *= 2
+        cap = cap * 3 // 2 if cap & (cap - 1) == 0 else cap * 4 // 3  # 2^k -> 1.5 * 2^k -> 2^(k+1)
     return cap
 
 
@@ -72,8 +75,9 @@ def _slots(tables: torch.Tensor, entries: torch.Tensor, block_size: int, trash: 
 
 def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch.Tensor, lens: torch.Tensor,
           scores: torch.Tensor, budgets: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evict and compact on the device. Returns (new lens [B, L], overflow flag []): no host sync.
+    """Evict and compact on the device. Returns (new lens [B, L], moves []): no host sync.
 
+    With more than `cap` moves, nothing is moved and the lengths are returned unchanged.
     block_tables [B, L, W]; lens [B, L] entries per layer; scores [B, K, N + 1] by visual index (column N:
     text sink); budgets [B, K] visual entries each event layer may keep.
     """
@@ -95,11 +99,13 @@ def evict(pool: BlockPool, plan: EvictionPlan, policy: Full, block_tables: torch
     new = held - remove.sum(2)
     below = entry < new[..., None]
     holes, sources = remove & below, ~remove & valid & ~below
+    moves = holes.sum()
+    overflow = moves > cap
     trash = pool.trash_slot
-    dst = _slots(tables, _pack(holes, cap), bs, trash)
+    dst = torch.where(overflow, trash, _slots(tables, _pack(holes, cap), bs, trash))
     src = _slots(tables, _pack(sources, cap), bs, trash)
     pool.k.index_copy_(0, dst, pool.k.index_select(0, src))
     pool.v.index_copy_(0, dst, pool.v.index_select(0, src))
     pool.visual_index.index_copy_(0, dst, pool.visual_index.index_select(0, src))
-    new_lens = torch.cat([lens[:, :first], new], 1)
-    return new_lens, holes.sum() > cap
+    new_lens = torch.cat([lens[:, :first], torch.where(overflow, held, new)], 1)
+    return new_lens, moves

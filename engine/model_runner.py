@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from cache.layered import LayeredKVCache
 from models.llava import LlavaForConditionalGeneration
 from scheduler.policy import Full
+from scheduler.scheduler import EvictionDue
 from scheduler.sequence import Sequence
 
 from .attention import PagedAttention, decode_attention, entry_slots, gather_kv
@@ -25,8 +28,15 @@ from .triton_attention import paged_decode_attention, pick_backend
 
 log = logging.getLogger("st3")
 
-# (new per-layer lengths [B, L], overflow flag) of an eviction, still on the device.
-Eviction = tuple[torch.Tensor, torch.Tensor]
+
+@dataclass
+class Eviction:
+    """An eviction queued on the device, not yet read back."""
+    new_lens: torch.Tensor  # [B, L] per-layer lengths it leaves
+    moves: torch.Tensor     # [] entries it moves; above `cap` it changed nothing
+    cap: int
+    expected: int = 0       # decode: the removals the host expected (sizes the next steps' caps)
+    retry: tuple[int, int, int] | None = None  # decode: (rows, width, safe cap) to redo it with on overflow
 
 
 def visual_index(prompt_ids: list[int], image_token: int) -> torch.Tensor:
@@ -47,10 +57,12 @@ class ModelRunner:
         self.max_visual = max_visual  # N0 of the largest request the decode score buffers hold
         self.attention = PagedAttention(self.pool)
         self.plan = EvictionPlan.for_policy(policy, self.num_layers, device)
+        self.eviction_retries = 0  # decode evictions redone with the safe move cap (see engine/eviction.py)
+        self.move_ratio = 2.0      # moves per expected removal, learned from read-backs (see move_cap)
 
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], evict_budgets: tuple[list[list[int]], int] | None = None
+    def prefill(self, seqs: list[Sequence], due: EvictionDue | None = None
                 ) -> tuple[torch.Tensor, Eviction | None]:
         """Run whole prompts (their seats already hold blocks for every layer's kept entries).
 
@@ -80,22 +92,31 @@ class ModelRunner:
             event_budgets={e: [g[e] for g in budgets] for e in policy.event_layers(L)})
         h = self.lm.model(torch.cat(embeds), torch.cat(pos), batch)
         logits = self.lm.logits(h[batch.last_rows()])
-        if evict_budgets is None:
+        if due is None:
             return logits, None
-        due, bound = evict_budgets
-        return logits, evict(self.pool, self.plan, policy, batch.block_tables, batch.context_lens, batch.scores,
-                             torch.tensor(due, device=dev), cap_bucket(bound))
+        # The safe cap at once: a prefill's siblings (n > 1) copy its cache before the read-back.
+        cap = cap_bucket(due.bound)
+        return logits, Eviction(*evict(self.pool, self.plan, policy, batch.block_tables, batch.context_lens,
+                                       batch.scores, torch.tensor(due.budgets, device=dev), cap), cap)
 
-    @staticmethod
-    def read_back(tokens: torch.Tensor, eviction: tuple[torch.Tensor, torch.Tensor] | None
-                  ) -> tuple[list[int], torch.Tensor | None]:
+    def read_back(self, tokens: torch.Tensor, eviction: Eviction | None) -> tuple[list[int], torch.Tensor | None]:
         """The step's one device-to-host transfer: sampled tokens, plus the per-layer lengths an eviction left."""
         if eviction is None:
             return tokens.tolist(), None
-        new_lens, overflow = eviction
-        host = torch.cat([tokens.view(-1, 1).long(), new_lens, overflow.long().expand(len(tokens), 1)], 1).cpu()
-        if len(tokens) and bool(host[0, -1]):
-            raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
+        n = len(tokens)
+        host = torch.cat([tokens.view(-1, 1).long(), eviction.new_lens, eviction.moves.expand(n, 1)], 1).cpu()
+        moves = int(host[0, -1]) if n else 0
+        if moves > eviction.cap:
+            if eviction.retry is None:
+                raise RuntimeError("VTA eviction moved more entries than its bound allowed (engine bug)")
+            # Its move lists were sized for the expected moves and fell short, so it changed nothing, and its
+            # inputs (scores, budgets, tables) are still in the decode buffers: redo it with the safe cap.
+            self.eviction_retries += 1
+            rows, width, cap = eviction.retry
+            new_lens, _ = self.evict_step(rows, width, cap)
+            host[:, 1:-1] = new_lens[:n].cpu()
+        if eviction.expected:  # moves per expected removal, decaying slowly to what recent steps needed
+            self.move_ratio = max(1.0, 0.95 * self.move_ratio, 1.25 * moves / eviction.expected)
         return host[:, 0].tolist(), host[:, 1:-1]
 
     # ---- decode ----------------------------------------------------------------------------
@@ -158,7 +179,7 @@ class ModelRunner:
         return bool(torch.allclose(got[:, :n], want[:, :n], atol=1e-3, rtol=0))
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], evict_budgets: tuple[list[list[int]], int] | None = None
+    def decode(self, seqs: list[Sequence], due: EvictionDue | None = None
                ) -> tuple[torch.Tensor, Eviction | None]:
         """One token for every sequence: logits [B, vocab], and the eviction when budgets are given."""
         n = len(seqs)
@@ -175,10 +196,10 @@ class ModelRunner:
         if static:
             rows = min(b for b in self.buckets if b >= n)
             width = min(w for w in self.widths if w >= width)
-        scored = evict_budgets is not None
+        scored = due is not None
         self.buffers.fill(n, rows, torch.tensor(tokens), torch.tensor(positions), slot_mapping,
                           self.cache.tables[:, :, :width][seats], lens,
-                          torch.tensor(evict_budgets[0]) if scored else None)
+                          torch.tensor(due.budgets) if scored else None)
         if self.graphs is not None:
             logits = self.graphs.replay(rows, width, scored)
         else:
@@ -187,8 +208,19 @@ class ModelRunner:
                                          self.decode_score_layers if scored else (), layer_lens)
         if not scored:
             return logits[:n], None
-        new_lens, overflow = self.evict_step(rows, width, cap_bucket(evict_budgets[1]))
-        return logits[:n], (new_lens[:n], overflow)
+        safe = cap_bucket(due.bound)
+        cap = min(safe, self.move_cap(due.expected))
+        new_lens, moves = self.evict_step(rows, width, cap)
+        return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, width, safe) if cap < safe else None)
+
+    def move_cap(self, expected: int) -> int:
+        """Move-list length for a decode eviction the host expects to remove `expected` entries.
+
+        A shallower event also takes tokens that deeper layers still hold, so more entries move than
+        the host expects, by a ratio that depends on how the model's layers rank alike: learned from
+        the steps read back. A step that still outgrows its cap is redone (read_back).
+        """
+        return cap_bucket(math.ceil(expected * self.move_ratio) + 16)
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: tuple[int, ...],
@@ -207,7 +239,7 @@ class ModelRunner:
         h = self.lm.model(self.lm.model.embed_tokens(input_ids), positions, batch)
         return self.lm.logits(h)
 
-    def evict_step(self, rows: int, width: int, cap: int) -> Eviction:
+    def evict_step(self, rows: int, width: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The eviction over the decode buffers (a captured graph per (rows, width, cap) on CUDA)."""
         b = self.buffers
         step = functools.partial(self.evict_forward, rows, width, cap)
@@ -220,7 +252,7 @@ class ModelRunner:
             return saved
         return self.evict_graphs.run((rows, width, cap), step, neutralise, b.context_lens[:rows].copy_)
 
-    def evict_forward(self, rows: int, width: int, cap: int) -> Eviction:
+    def evict_forward(self, rows: int, width: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.buffers
         return evict(self.pool, self.plan, self.policy, b.block_tables[:rows, :, :width], b.context_lens[:rows],
                      b.scores[:rows], b.budgets[:rows], cap)

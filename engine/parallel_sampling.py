@@ -12,13 +12,18 @@ completions (each with its own delta); the members are forgotten together once a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from scheduler.sequence import Sequence, Status
 
 from .outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:
+    from .model_runner import Eviction
 
 
 @dataclass
@@ -61,8 +66,8 @@ class Families:
         fam.n = len(fam.members)
         return fam.members
 
-    def fork(self, llm, seqs: list[Sequence], logits: torch.Tensor, eviction: tuple | None
-             ) -> tuple[list[Sequence], torch.Tensor, tuple | None]:
+    def fork(self, llm, seqs: list[Sequence], logits: torch.Tensor, eviction: Eviction | None
+             ) -> tuple[list[Sequence], torch.Tensor, Eviction | None]:
         """After a prefill: the siblings of freshly prefilled leads, with cache copies and the leads' logits rows.
 
         Under ST3 the prefill forward has already compacted the lead's layers on the device for its first
@@ -96,8 +101,7 @@ class Families:
         if not added:
             return seqs, logits, eviction
         if eviction is not None:
-            new_lens, overflow = eviction
-            eviction = (torch.cat([new_lens, new_lens[rows]]), overflow)
+            eviction = dataclasses.replace(eviction, new_lens=torch.cat([eviction.new_lens, eviction.new_lens[rows]]))
         return seqs + added, torch.cat([logits, logits[rows]]), eviction
 
     def output(self, llm, seq: Sequence, delta: str, blocks_now: int | None) -> RequestOutput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,13 @@ from .policy import Full, removal_bound
 log = logging.getLogger("st3")
 
 
+class EvictionDue(NamedTuple):
+    """What the device-side eviction at the end of a forward needs from the host."""
+    budgets: list[list[int]]  # [B][event layers] visual entries each event layer may keep
+    bound: int                # most entries it can move (sizes the safe move lists)
+    expected: int             # entries it removes unless a shallower event takes tokens deeper layers hold
+
+
 class Scheduler:
     def __init__(self, cache: LayeredKVCache, policy: Full, num_layers: int, max_num_seqs: int,
                  max_num_batched_tokens: int):
@@ -27,6 +35,9 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        events = policy.event_layers(num_layers)  # the deepest event layer at or below each layer from the first
+        self._event_of_layer = [max(e for e in events if e <= layer) for layer in range(events[0], num_layers)] \
+            if events else []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,29 +108,32 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ---- VTA --------------------------------------------------------------------------------
-    def eviction_budgets(self, seqs: list[Sequence]) -> tuple[list[list[int]], int] | None:
+    def eviction_budgets(self, seqs: list[Sequence]) -> EvictionDue | None:
         """Budgets per event layer for the eviction at the end of this forward (None: nothing to evict).
 
         A forward run at cursor c also evicts what must be gone before the forward at cursor c + 1, whose
         budgets are decode_budgets(c + 1). Sequences with nothing to lose get a budget no layer reaches.
-        Also returns a bound on the entries the eviction can move (engine/eviction.py sizes its move
-        lists by it).
+        Also returns a bound on the entries the eviction can move and the number it will most likely
+        move (engine/eviction.py sizes its move lists by them).
         """
         if not self.policy.anneals:
             return None
         L, events = self.num_layers, self.policy.event_layers(self.num_layers)
         never = max(s.num_visual for s in seqs) + 1
-        budgets, bound, any_due = [], 0, False
+        budgets, bound, expected, any_due = [], 0, 0, False
         for seq in seqs:
             t = seq.cursor + 1
             if seq.num_visual and self.policy.needs_decode_scores(seq.num_visual, L, t, seq.visual_per_layer):
                 b = self.policy.decode_budgets(seq.num_visual, L, t)
                 budgets.append([b[layer] for layer in events])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
+                # Each layer keeps at most its event layer's budget; a layer that holds more loses the rest.
+                expected += sum(max(0, held - b[e]) for held, e in zip(seq.visual_per_layer[events[0]:],
+                                                                      self._event_of_layer))
                 any_due = True
             else:
                 budgets.append([never] * len(events))
-        return (budgets, bound) if any_due else None
+        return EvictionDue(budgets, bound, expected) if any_due else None
 
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""

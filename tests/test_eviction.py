@@ -66,8 +66,8 @@ def test_device_eviction_equals_naive(seed):
     scores[:, :, :5] = 0.5  # ties: the lower visual index wins
     budgets = torch.randint(1, 10, (B, len(events)), generator=g)
     plan = EvictionPlan.for_policy(policy, L, torch.device("cpu"))
-    new_lens, overflow = evict(pool, plan, policy, tables, lens, scores, budgets, cap=256)
-    assert not overflow
+    new_lens, moves = evict(pool, plan, policy, tables, lens, scores, budgets, cap=256)
+    assert 0 < moves <= 256
     want = naive(rows, scores, budgets, events, L)
     for b in range(B):
         for layer in range(L):
@@ -77,7 +77,7 @@ def test_device_eviction_equals_naive(seed):
             assert pool.k[slots, 0, 0].tolist() == [v + 1000 * layer for v in want[b][layer]]  # K moved too
 
 
-def test_overflow_is_reported_not_silent():
+def test_overflow_is_reported_and_moves_nothing():
     policy = ST3(start_layer=1, stride=1)
     pool = BlockPool(20, 4, 1, 2, torch.float32, "cpu")
     tables = torch.arange(8).view(1, 2, 4)
@@ -85,9 +85,15 @@ def test_overflow_is_reported_not_silent():
     # Layer 1: eight visual entries, then eight text ones; keeping one visual entry leaves 7 holes to fill.
     pool.visual_index[16:32] = torch.cat([torch.arange(8), torch.full((8,), -1)]).to(torch.int32)
     scores = torch.rand(1, 1, 17)
-    _, overflow = evict(pool, EvictionPlan.for_policy(policy, 2, torch.device("cpu")), policy, tables, lens,
-                        scores, torch.tensor([[1]]), cap=2)
-    assert bool(overflow)
+    before = (pool.k.clone(), pool.visual_index.clone())
+    new_lens, moves = evict(pool, EvictionPlan.for_policy(policy, 2, torch.device("cpu")), policy, tables, lens,
+                            scores, torch.tensor([[1]]), cap=2)
+    # An overflowing eviction changes nothing, so it can be redone with a larger cap.
+    assert moves == 7 and new_lens.tolist() == lens.tolist()
+    assert torch.equal(pool.k, before[0]) and torch.equal(pool.visual_index, before[1])
+    new_lens, moves = evict(pool, EvictionPlan.for_policy(policy, 2, torch.device("cpu")), policy, tables, lens,
+                            scores, torch.tensor([[1]]), cap=8)
+    assert moves == 7 and new_lens.tolist() == [[16, 9]]
 
 
 def test_removal_bound_covers_every_step():
@@ -100,4 +106,4 @@ def test_removal_bound_covers_every_step():
             at_events = sum(max(0, before[e] - now[e]) for e in now)
             assert removal_bound(policy, n0, L, t) >= at_events
             assert removal_bound(policy, n0, L, t) <= sum(held)
-    assert cap_bucket(1) == 64 and cap_bucket(65) == 128 and cap_bucket(4096) == 4096
+    assert [cap_bucket(m) for m in (1, 64, 65, 97, 129, 4096, 4097)] == [64, 64, 96, 128, 192, 4096, 6144]

@@ -117,3 +117,15 @@ def test_answers_that_end_inside_the_anneal(model_dir, requests_):
     reqs, lengths = [requests_[0], requests_[2], requests_[0], requests_[3]], [1, 2, 3, 5]
     _check(llm, llm.generate(reqs, _params(lengths)), reqs, kind, params, lengths)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
+
+
+def test_short_move_lists_are_redone_with_the_safe_cap(model_dir, requests_, monkeypatch):
+    """A decode eviction whose moves outgrow the length sized from the host's estimate changes nothing,
+    is redone with the worst-case bound, and the answers still equal the reference."""
+    from engine.model_runner import ModelRunner
+    monkeypatch.setattr(ModelRunner, "move_cap", lambda self, expected: 1)
+    kind, params = "st3", {"start_layer": 1, "stride": 1, "anneal_steps": 6, "anneal_floor": 0.2}
+    llm = LLM(model_dir, policy=kind, policy_params=params, num_kv_blocks=600, max_images_per_prompt=2)
+    reqs = requests_[:3]
+    _check(llm, llm.generate(reqs, _params(MAX_TOKENS[:3])), reqs, kind, params, MAX_TOKENS[:3])
+    assert llm.runner.eviction_retries > 0
