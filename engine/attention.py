@@ -127,8 +127,9 @@ class PagedAttention:
         if pool.k.device.type != "cpu":
             return gather_kv(pool.k, slots), gather_kv(pool.v, slots)
         n = slots.numel()
-        if self._workspace is None or self._workspace.shape[1] < n:
-            self._workspace = pool.k.new_empty(2, n, *pool.k.shape[1:])
+        if self._workspace is None or self._workspace.shape[1] < n:  # headroom: gathers grow a row per step
+            size = n if self._workspace is None else max(n, self._workspace.shape[1] * 3 // 2)
+            self._workspace = pool.k.new_empty(2, size, *pool.k.shape[1:])
         work = self._workspace[:, :n]
         return gather_kv(pool.k, slots, work[0]), gather_kv(pool.v, slots, work[1])
 

@@ -209,7 +209,9 @@ class ModelRunner:
         if not scored:
             return logits[:n], None
         safe = cap_bucket(due.bound)
-        cap = min(safe, self.move_cap(due.expected))
+        # On CPUs the padded rows of the safe-size move lists were a third of the eviction's time. On GPUs
+        # they cost little, while each distinct cap is one more captured graph and each redo a second sync.
+        cap = safe if self.device.type == "cuda" else min(safe, self.move_cap(due.expected))
         new_lens, moves = self.evict_step(rows, width, cap)
         return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, width, safe) if cap < safe else None)
 

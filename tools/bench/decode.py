@@ -45,26 +45,42 @@ def model_dir(args) -> Path:
     return out
 
 
-def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
-    """Median ms of a decode step with `batch` image requests running together."""
+def image_requests(llm: LLM, batch: int) -> list[dict]:
     img = Image.new("RGB", (336, 336), (120, 80, 200))
     q = "Describe the picture in as much detail as you can, please."
-    reqs = [{"prompt": llm.tokenizer.chat_prompt(q, 1), "image": img}] * batch
+    return [{"prompt": llm.tokenizer.chat_prompt(q, 1), "image": img}] * batch
+
+
+def engine_step_ms(llm: LLM, batch: int, tokens: int) -> float:
+    """Median ms of a decode step with `batch` image requests running together."""
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    return 1000 * statistics.median(decode_step_times(llm, reqs, sp))
+    return 1000 * statistics.median(decode_step_times(llm, image_requests(llm, batch), sp))
 
 
 def decode_step_times(llm: LLM, requests: list, params: SamplingParams) -> list[float]:
     """Seconds of every decode step while `requests` run together (prefill steps excluded)."""
-    for r in requests:
-        llm.add_request(r, params)
-    times = []
-    while llm.has_unfinished():
-        decode = not llm.scheduler.waiting
-        t0 = time.perf_counter()
-        llm.step()
-        if decode:
-            times.append(time.perf_counter() - t0)
+    return interleaved_step_times({"": llm}, requests, params)[""]
+
+
+def interleaved_step_times(engines: dict[str, LLM], requests: list, params: SamplingParams
+                           ) -> dict[str, list[float]]:
+    """Seconds of every decode step of each engine, the engines taking turns step by step.
+
+    Every engine runs the same requests; once all have prefilled, they decode in alternation, so a
+    change in machine speed (other load, clocks) falls on all of them alike, step for step.
+    """
+    for llm in engines.values():
+        for r in requests:
+            llm.add_request(r, params)
+        while llm.scheduler.waiting:
+            llm.step()
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    while any(llm.has_unfinished() for llm in engines.values()):
+        for name, llm in engines.items():
+            if llm.has_unfinished():
+                t0 = time.perf_counter()
+                llm.step()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                             if "embed_tokens" not in n) for dt in args.dtypes.split(",")}
     hf = load_hf(path) if args.hf else None
     weight_bytes.setdefault("float32", sum(p.numel() * 4 for n, p in text.named_parameters() if "embed_tokens" not in n))
-    # Rounds interleave every configuration, so drifts in machine speed hit them all alike.
+    # Engines take turns step by step (interleaved_step_times), and rounds repeat the whole comparison.
     samples: dict[tuple[str, int], list[float]] = {}
     bws = []
     for _ in range(args.rounds):
@@ -157,19 +173,25 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtypes.split(","):
             lm = next(llm for name, llm in engines.items() if name.endswith(dtype)).model.language_model
             samples.setdefault((f"bare weight matmuls {dtype}", 1), []).append(bare_matmul_ms(lm))
-        for name, llm in engines.items():
-            for b in batches:
-                samples.setdefault((name, b), []).append(engine_step_ms(llm, b, args.tokens))
+        for b in batches:
+            sp = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+            times = interleaved_step_times(engines, image_requests(next(iter(engines.values())), b), sp)
+            for name, t in times.items():  # the mean step over the whole answer: what a token costs
+                samples.setdefault((name, b), []).append(1000 * statistics.mean(t))
         if hf is not None:
             samples.setdefault(("transformers generate float32", 1), []).append(
                 hf_step_ms(hf, next(iter(engines.values())), args.tokens))
     bw = statistics.median(bws)
     rows = [(name, b, statistics.median(v), 1000 * weight_bytes[name.split()[-1]] / bw) for (name, b), v in samples.items()]
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bws)}); torch threads {torch.get_num_threads()}; "
-          f"medians of {args.rounds} interleaved rounds")
-    print(f"{'path':34s} {'batch':>5s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s}")
+          f"engines take turns step by step; ms/step = mean step over the {args.tokens}-token answer, "
+          f"median of {args.rounds} rounds")
+    first = {}  # (batch, dtype) -> ms of the first policy listed: the ratios' reference
+    print(f"{'path':34s} {'batch':>5s} {'ms/step':>9s} {'floor ms':>9s} {'x floor':>8s} {'x first policy':>15s}")
     for name, b, ms, floor in rows:
-        print(f"{name:34s} {b:5d} {ms:9.1f} {floor:9.1f} {ms / floor:8.2f}")
+        ref = first.setdefault((b, name.split()[-1]), ms) if name.startswith("engine") else None
+        ratio = f"{ms / ref:15.3f}" if ref else ""
+        print(f"{name:34s} {b:5d} {ms:9.1f} {floor:9.1f} {ms / floor:8.2f} {ratio}")
 
 
 if __name__ == "__main__":
