@@ -31,7 +31,7 @@ log = logging.getLogger("st3")
 class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    tokens: int = 0
+    tokens: int = 0  # generated so far, summed over the n completions
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Counters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     preemptions: int = 0
-    finished: dict[str, int] = field(default_factory=dict)   # finish_reason -> requests
+    finished: dict[str, int] = field(default_factory=dict)   # finish_reason -> completions (n per request)
     visual_kept_sum: list[int] = field(default_factory=list)  # per layer, over finished image requests
     visual_requests: int = 0
 
@@ -146,8 +146,9 @@ class AsyncLLM:
                 self._end(rid, "abort")
             else:
                 del self._requests[rid]
+                reasons = self._reasons(rid, "abort")
                 self.llm.abort(rid)
-                self._count_finish("abort")
+                self._count_finish(reasons)
 
     def _metrics(self) -> dict:
         c, sched = self._counters, self.llm.scheduler
@@ -189,17 +190,27 @@ class AsyncLLM:
             req = self._requests.get(out.request_id)
             if req is None:
                 continue
-            new = len(out.token_ids) - req.tokens
-            req.tokens = len(out.token_ids)
-            self._counters.generation_tokens += max(new, 0)
+            tokens = sum(len(c.token_ids) for c in out.outputs)
+            self._counters.generation_tokens += max(tokens - req.tokens, 0)
+            req.tokens = tokens
             if out.finished:
                 del self._requests[out.request_id]
-                self._count_finish(out.finish_reason, out.stats)
+                self._count_finish([c.finish_reason for c in out.outputs], out.stats)
             self._deliver(req, out)
 
-    def _count_finish(self, reason: str, stats: dict | None = None) -> None:
+    def _reasons(self, rid: str, live: str) -> list[str]:
+        """Each of a request's n completions' finish reasons, with `live` for those not finished (or not begun)."""
+        seq = self.llm._seqs.get(rid)
+        if seq is None:
+            return [live]
+        reasons = [m.finish_reason or live for m in self.llm._families.members(rid, self.llm._seqs)]
+        return reasons + [live] * (seq.params.n - len(reasons))
+
+    def _count_finish(self, reasons: list[str], stats: dict | None = None) -> None:
+        # Per completion, as vLLM's metrics count each of the n as a child request.
         c = self._counters
-        c.finished[reason] = c.finished.get(reason, 0) + 1
+        for reason in reasons:
+            c.finished[reason] = c.finished.get(reason, 0) + 1
         if stats:
             c.preemptions += stats.get("preemptions", 0)
             kept = stats.get("visual_tokens_per_layer") or []
@@ -214,19 +225,32 @@ class AsyncLLM:
             req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
         except RuntimeError:  # the consumer's event loop is closed: nobody will read this request
             if not out.finished and self._requests.pop(out.request_id, None) is not None:
+                reasons = self._reasons(out.request_id, "abort")
                 self.llm.abort(out.request_id)
-                self._count_finish("abort")
+                self._count_finish(reasons)
 
     def _end(self, rid: str, reason: str, error: str | None = None) -> None:
-        """Abort a request in the LLM and hand its consumer a final output with `reason`."""
+        """Abort a request in the LLM and hand its consumer a final output with `reason`.
+
+        With n > 1, completions that had finished keep their own reason; the others get `reason`.
+        """
         req, seq = self._requests.pop(rid), self.llm._seqs.get(rid)
+        if seq is None:
+            self.llm.abort(rid)
+            self._count_finish([reason])
+            self._deliver(req, RequestOutput(rid, "", [], reason, error=error))
+            return
+        fam = self.llm._families.of(rid)  # taken before the abort forgets it
+        members = fam.members if fam is not None else [seq]
+        live = [m for m in members if not m.is_finished] or [seq]
+        never_begun = seq.params.n - len(members)  # siblings not yet forked
         self.llm.abort(rid)
-        out = RequestOutput(rid, "", [], reason, error=error)
-        if seq is not None:
-            seq.finish_reason = reason
-            out = self.llm._output(seq)
-            out.error = error
-        self._count_finish(reason, out.stats)
+        for m in live:
+            m.finish_reason = reason
+        out = self.llm._families.output(self.llm, seq, "", None, fam) if fam is not None else \
+            self.llm._single_output(seq)
+        out.error = error
+        self._count_finish([m.finish_reason for m in members] + [reason] * never_begun, out.stats)
         self._deliver(req, out)
 
     def _stop_all(self) -> None:

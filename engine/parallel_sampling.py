@@ -104,9 +104,13 @@ class Families:
             eviction = dataclasses.replace(eviction, new_lens=torch.cat([eviction.new_lens, eviction.new_lens[rows]]))
         return seqs + added, torch.cat([logits, logits[rows]]), eviction
 
-    def output(self, llm, seq: Sequence, delta: str, blocks_now: int | None) -> RequestOutput:
-        """The whole request's output after `seq` moved; only `seq`'s completion carries a delta."""
-        fam = self.of(seq)
+    def output(self, llm, seq: Sequence, delta: str, blocks_now: int | None, fam: Family | None = None
+               ) -> RequestOutput:
+        """The whole request's output after `seq` moved; only `seq`'s completion carries a delta.
+
+        `fam` stands in for a family already forgotten (an output made after its abort).
+        """
+        fam = fam or self.of(seq)
         lead = fam.members[0]
         head = llm._single_output(lead, delta if seq is lead else "", blocks_now if seq is lead else None)
         completions = [CompletionOutput(m.index, m.text, list(m.output_ids), m.finish_reason,
@@ -114,6 +118,7 @@ class Families:
                                         delta if m is seq else "") for m in fam.members]
         head.outputs = completions
         head.stats["generated_tokens"] = sum(len(m.output_ids) for m in fam.members)
+        head.stats["preemptions"] = sum(m.num_preemptions for m in fam.members)
         head.stats["n"] = fam.n
         return head
 

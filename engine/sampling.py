@@ -80,6 +80,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
+        if self.seed is not None and self.seed + self.n > MAX_SEED:  # completion i draws with seed + i
+            raise ValueError(f"SamplingParams.seed must be below 2**63 - {self.n - 1} when n={self.n} "
+                             f"(completion i uses seed + i), got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             num(name, getattr(self, name))
             if not -2 <= getattr(self, name) <= 2:

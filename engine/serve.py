@@ -22,7 +22,8 @@ from .generate import Parser, UsageError
 from .policy_flags import add_policy_arguments, policy_from_args
 from .serve_media import MediaPolicy, load_images
 from .serve_protocol import APIError, ParsedRequest, parse_chat, parse_completion
-from .serve_responses import (ChunkWriter, LogprobFormatter, chat_response, completion_response, prometheus, sse)
+from .serve_responses import (ChunkWriter, LogprobFormatter, chat_response, completion_response, failure, prometheus,
+                              sse)
 
 log = logging.getLogger("st3")
 
@@ -37,6 +38,7 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
     media = media or MediaPolicy()
     app = FastAPI(title="st3-engine", docs_url=None, redoc_url=None)
     started = int(time.time())
+    max_n = engine.llm.config.max_num_seqs  # n's bound: see serve_protocol.sampling_params
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -83,8 +85,8 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
             raise APIError(str(e), status=503, kind="server_unavailable") from None
         lp = None if parsed.logprobs is None else LogprobFormatter(engine.llm.tokenizer, parsed.logprobs)
         if parsed.stream:
-            return StreamingResponse(events(stream, first, ChunkWriter(chat, rid, int(time.time()), model_name,
-                                                                        parsed.include_usage, lp)),
+            writer = ChunkWriter(chat, rid, int(time.time()), model_name, parsed.include_usage, lp, parsed.params.n)
+            return StreamingResponse(events(stream, first, writer),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         out = first
         try:
@@ -92,8 +94,8 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
                 pass
         finally:
             await stream.aclose()
-        if out.finish_reason == "error":
-            raise APIError(out.error or "internal error", status=500, kind="internal_error")
+        if failure(out):
+            raise APIError(failure(out), status=500, kind="internal_error")
         body = (chat_response if chat else completion_response)(rid, int(time.time()), model_name, out, lp)
         return JSONResponse(body)
 
@@ -102,8 +104,8 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
         try:
             yield writer.first()
             while True:
-                if out.finish_reason == "error":
-                    yield sse(APIError(out.error or "internal error", status=500, kind="internal_error").body())
+                if failure(out):  # the rest of the request (n > 1: its other completions) is aborted below
+                    yield sse(APIError(failure(out), status=500, kind="internal_error").body())
                     break
                 chunk = writer.update(out)
                 if chunk:
@@ -114,15 +116,16 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
                 out = await anext(stream)
             yield "data: [DONE]\n\n"
         finally:
-            await stream.aclose()  # a client that went away aborts its request here
+            await stream.aclose()  # a client that went away aborts its request (all n completions) here
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run(parse_chat(await read_json(request), model_name, default_max_tokens), chat=True)
+        return await run(parse_chat(await read_json(request), model_name, default_max_tokens, max_n), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run(parse_completion(await read_json(request), model_name, default_max_tokens), chat=False)
+        return await run(parse_completion(await read_json(request), model_name, default_max_tokens, max_n),
+                         chat=False)
 
     @app.get("/v1/models")
     async def models():

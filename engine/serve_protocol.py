@@ -14,7 +14,9 @@ from .sampling import SamplingParams
 USER, ASSISTANT, TURN_END = "USER: ", "ASSISTANT:", "</s>"
 ROLES = ("system", "developer", "user", "assistant")
 # Accepted for compatibility, but they change nothing here: refuse values that would.
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "n": 1, "echo": False, "best_of": 1}
+NEUTRAL = {"echo": False, "best_of": 1}
+# OpenAI fields that are SamplingParams fields of the same name and meaning.
+OPENAI_SAMPLING = ("temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty")
 # Non-OpenAI sampling fields (vLLM's extra_body spellings) -> SamplingParams names.
 EXTRA_SAMPLING = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids")
 
@@ -115,20 +117,25 @@ def render_chat(messages) -> tuple[str, list[str]]:
     return prompt + ASSISTANT, urls
 
 
-def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """SamplingParams from OpenAI fields (plus vLLM-style extras); a bad value names its field."""
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, max_n: int) -> SamplingParams:
+    """SamplingParams from OpenAI fields (plus vLLM-style extras); a bad value names its field.
+
+    `max_n` bounds n: the server's max_num_seqs, the most sequences the engine decodes at once.
+    """
     for key, neutral in NEUTRAL.items():
         if body.get(key, neutral) not in (None, neutral):
             raise APIError(f"'{key}' = {body[key]!r} is not supported (only {neutral!r})", key)
-    kw = {k: body[k] for k in EXTRA_SAMPLING if body.get(k) is not None}
-    for key in ("temperature", "top_p", "seed", "stop"):
-        if body.get(key) is not None:
-            kw[key] = body[key]
+    kw = {k: body[k] for k in OPENAI_SAMPLING + EXTRA_SAMPLING if body.get(k) is not None}
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kw)
+        params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kw)
     except ValueError as e:
         name = str(e).split("SamplingParams.", 1)[-1].split(" ", 1)[0] if "SamplingParams." in str(e) else None
-        raise APIError(str(e).replace("SamplingParams.", ""), name if name != "max_tokens" else "max_tokens") from None
+        raise APIError(str(e).replace("SamplingParams.", ""), name) from None
+    if params.n > max_n:
+        # More completions than the engine decodes at once would not share the prefill (the rest queue up
+        # for prefills of their own), and an unbounded n lets one request flood the queue.
+        raise APIError(f"'n' must be <= {max_n} (this server's --max-num-seqs), got {params.n}", "n")
+    return params
 
 
 def _max_tokens(body: dict, default: int, *keys: str) -> int:
@@ -147,7 +154,7 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def parse_chat(body: dict, served: str, default_max_tokens: int) -> ParsedRequest:
+def parse_chat(body: dict, served: str, default_max_tokens: int, max_n: int) -> ParsedRequest:
     """A /v1/chat/completions body, validated."""
     check_model(body, served)
     prompt, urls = render_chat(body.get("messages"))
@@ -159,12 +166,12 @@ def parse_chat(body: dict, served: str, default_max_tokens: int) -> ParsedReques
         raise APIError(f"'top_logprobs' must be >= 0, got {top}", "top_logprobs")
     logprobs = (top or 0) if want_lp else None
     params = sampling_params(body, _max_tokens(body, default_max_tokens, "max_completion_tokens", "max_tokens"),
-                             logprobs)
+                             logprobs, max_n)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(prompt, urls, params, stream, include_usage, logprobs)
 
 
-def parse_completion(body: dict, served: str, default_max_tokens: int) -> ParsedRequest:
+def parse_completion(body: dict, served: str, default_max_tokens: int, max_n: int) -> ParsedRequest:
     """A /v1/completions body (a raw prompt: no template, no images), validated."""
     check_model(body, served)
     prompt = body.get("prompt")
@@ -177,6 +184,6 @@ def parse_completion(body: dict, served: str, default_max_tokens: int) -> Parsed
     logprobs = _want(body, "logprobs", (int,), None, "an integer")
     if logprobs is not None and logprobs < 0:
         raise APIError(f"'logprobs' must be >= 0, got {logprobs}", "logprobs")
-    params = sampling_params(body, _max_tokens(body, default_max_tokens, "max_tokens"), logprobs)
+    params = sampling_params(body, _max_tokens(body, default_max_tokens, "max_tokens"), logprobs, max_n)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(prompt, [], params, stream, include_usage, logprobs)

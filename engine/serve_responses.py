@@ -5,15 +5,23 @@ import json
 
 from models.tokenizer import Tokenizer
 
-from .outputs import RequestOutput
+from .outputs import CompletionOutput, RequestOutput
 
 ST3_STATS = ("prompt_tokens", "visual_tokens", "visual_tokens_per_layer", "kv_peak_blocks", "kv_blocks_final",
              "preemptions", "ttft_s", "policy")
 
 
 def usage(out: RequestOutput) -> dict:
-    prompt, completion = out.stats.get("prompt_tokens", 0), len(out.token_ids)
+    """The prompt counted once, the completion tokens summed over the n completions (as vLLM does)."""
+    prompt, completion = out.stats.get("prompt_tokens", 0), sum(len(c.token_ids) for c in out.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def failure(out: RequestOutput) -> str | None:
+    """The error message when any completion ended in an engine error, else None."""
+    if any(c.finish_reason == "error" for c in out.outputs):
+        return out.error or "internal error"
+    return None
 
 
 def st3_stats(out: RequestOutput) -> dict:
@@ -63,18 +71,20 @@ class LogprobFormatter:
 
 
 def chat_response(rid: str, created: int, model: str, out: RequestOutput, lp: LogprobFormatter | None) -> dict:
+    """A chat.completion body: one choice per completion, in index order."""
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "logprobs": lp.chat(out.token_ids, out.logprobs) if lp else None,
-                         "finish_reason": out.finish_reason}],
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": lp.chat(c.token_ids, c.logprobs) if lp else None,
+                         "finish_reason": c.finish_reason} for c in out.outputs],
             "usage": usage(out), "st3": st3_stats(out)}
 
 
 def completion_response(rid: str, created: int, model: str, out: RequestOutput, lp: LogprobFormatter | None) -> dict:
+    """A text_completion body: one choice per completion, in index order."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": out.text,
-                         "logprobs": lp.legacy(out.token_ids, out.logprobs) if lp else None,
-                         "finish_reason": out.finish_reason}],
+            "choices": [{"index": c.index, "text": c.text,
+                         "logprobs": lp.legacy(c.token_ids, c.logprobs) if lp else None,
+                         "finish_reason": c.finish_reason} for c in out.outputs],
             "usage": usage(out), "st3": st3_stats(out)}
 
 
@@ -83,40 +93,55 @@ def sse(obj) -> str:
 
 
 class ChunkWriter:
-    """Stream chunks for one request, chat or completions; the text follows the outputs' deltas."""
+    """Stream chunks for one request, chat or completions, with n completions.
+
+    As in OpenAI's and vLLM's streams, every chunk carries one choice whose `index` says which completion
+    it extends; each completion gets its own role chunk (chat) and its own finish_reason, once.
+    """
 
     def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool,
-                 lp: LogprobFormatter | None):
-        self.chat, self.include_usage, self.lp = chat, include_usage, lp
+                 lp: LogprobFormatter | None, n: int = 1):
+        self.chat, self.include_usage, self.lp, self.n = chat, include_usage, lp, n
         self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                      "model": model}
-        self.sent_tokens, self.text_offset = 0, 0
+        self.sent_tokens, self.text_offset, self.finish_sent = [0] * n, [0] * n, [False] * n
 
-    def _chunk(self, choice: dict, **extra) -> str:
-        body = {**self.head, "choices": [choice], **extra}
+    def _body(self, choice: dict) -> dict:
+        body = {**self.head, "choices": [choice]}
         if self.include_usage:
-            body.setdefault("usage", None)
-        return sse(body)
+            body["usage"] = None
+        return body
 
     def first(self) -> str:
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}) if self.chat else ""
+        if not self.chat:
+            return ""
+        return "".join(sse(self._body({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                       "finish_reason": None})) for i in range(self.n))
 
-    def update(self, out: RequestOutput) -> str:
-        """The chunk for an output (empty when it adds neither text, logprobs nor the finish)."""
-        new_ids = out.token_ids[self.sent_tokens:]
+    def _choice(self, c: CompletionOutput) -> dict | None:
+        """Completion c's next choice (None when it adds neither text, logprobs nor its finish)."""
+        i = c.index
+        new_ids = c.token_ids[self.sent_tokens[i]:]
         logprobs = None
         if self.lp and new_ids:
-            entries = out.logprobs[self.sent_tokens:]
+            entries = c.logprobs[self.sent_tokens[i]:]
             logprobs = self.lp.chat(new_ids, entries) if self.chat else \
-                self.lp.legacy(new_ids, entries, self.text_offset)
-            self.sent_tokens = len(out.token_ids)
-        if not out.delta and logprobs is None and not out.finished:
-            return ""
-        self.text_offset += len(out.delta)
-        text = {"delta": {"content": out.delta} if out.delta else {}} if self.chat else {"text": out.delta}
-        extra = {"st3": st3_stats(out)} if out.finished else {}
-        return self._chunk({"index": 0, **text, "logprobs": logprobs, "finish_reason": out.finish_reason}, **extra)
+                self.lp.legacy(new_ids, entries, self.text_offset[i])
+            self.sent_tokens[i] = len(c.token_ids)
+        finishing = c.finished and not self.finish_sent[i]
+        if not c.delta and logprobs is None and not finishing:
+            return None
+        self.finish_sent[i] |= finishing
+        self.text_offset[i] += len(c.delta)
+        text = {"delta": {"content": c.delta} if c.delta else {}} if self.chat else {"text": c.delta}
+        return {"index": i, **text, "logprobs": logprobs, "finish_reason": c.finish_reason if finishing else None}
+
+    def update(self, out: RequestOutput) -> str:
+        """The chunks for an output, one per completion it moved; the request's last carries "st3"."""
+        bodies = [self._body(ch) for ch in map(self._choice, out.outputs) if ch is not None]
+        if out.finished and bodies:
+            bodies[-1]["st3"] = st3_stats(out)
+        return "".join(map(sse, bodies))
 
     def last(self, out: RequestOutput) -> str:
         if not self.include_usage:

@@ -164,7 +164,7 @@ def test_sampled_tokens_use_the_penalised_distribution():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(n=0), "n"), (dict(n=1.5), "n"), (dict(n=True), "n"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"), (dict(frequency_penalty="x"), "frequency_penalty"),
-    (dict(max_tokens=0), "max_tokens")])
+    (dict(max_tokens=0), "max_tokens"), (dict(seed=2 ** 63 - 2, n=3), "seed")])
 def test_bad_new_sampling_params(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
