@@ -180,24 +180,116 @@ def test_sixteen_concurrent_streams_equal_solo(srv):
         assert text == expected(srv, q, img, n, ignore_eos=True).text, q
 
 
-def test_a_client_that_disconnects_frees_its_blocks(srv):
-    before = metrics(srv).get('st3_requests_finished_total{reason="abort"}', 0)
-    body = {"model": NAME, "messages": user("Tell a long story.", srv.uri), "max_tokens": 900, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+# ---- n completions and presence / frequency penalties ------------------------------------------------
+SAMPLED = dict(temperature=1.0, seed=2024, extra_body={"ignore_eos": True})
+
+
+def sampled_ref(srv, question: str, image: bool, n: int, max_tokens: int, **kw):
+    """The in-process n-completion answer for a one-turn chat, sampled with SAMPLED's seed."""
+    prompt = srv.ref.tokenizer.chat_prompt(question, int(image))
+    req = {"prompt": prompt, "image": srv.image} if image else {"prompt": prompt}
+    return srv.ref.generate(req, SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0, seed=2024,
+                                                ignore_eos=True, **kw))[0]
+
+
+def test_n3_chat_equals_the_engine_n3(srv):
+    before = metrics(srv)
+    r = srv.client.chat.completions.create(model=NAME, messages=user("Describe the image.", srv.uri), n=3,
+                                           max_tokens=8, logprobs=True, top_logprobs=1, **SAMPLED)
+    ref = sampled_ref(srv, "Describe the image.", True, 3, 8, logprobs=1)
+    assert len({o.text for o in ref.outputs}) > 1  # seed + i: the completions differ
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    token = srv.ref.tokenizer.decode
+    for choice, want in zip(r.choices, ref.outputs):
+        assert (choice.message.content, choice.finish_reason) == (want.text, "length")
+        lp = choice.logprobs.content  # the exact tokens, and their logprobs, of completion i
+        assert [c.token for c in lp] == [token([t], skip_special_tokens=False) for t in want.token_ids]
+        assert [c.logprob for c in lp] == pytest.approx([e[t] for t, e in zip(want.token_ids, want.logprobs)])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.stats["prompt_tokens"], 24)  # prompt once
+    after = metrics(srv)
+    assert after["st3_generation_tokens_total"] - before["st3_generation_tokens_total"] == 24
+    finished = 'st3_requests_finished_total{reason="length"}'
+    assert after[finished] - before.get(finished, 0) == 3  # one per completion
+    assert after["st3_kv_blocks_used"] == 0
+
+
+def test_n2_stream_reassembles_to_the_non_streamed_choices(srv):
+    ask = dict(model=NAME, messages=user("Describe the image.", srv.uri), n=2, max_tokens=7, **SAMPLED)
+    full = srv.client.chat.completions.create(**ask)
+    chunks = list(srv.client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    body = [c for c in chunks if c.choices]
+    assert all(len(c.choices) == 1 for c in body)
+    for i, want in enumerate(full.choices):
+        mine = [c.choices[0] for c in body if c.choices[0].index == i]
+        assert [m.delta.role for m in mine].count("assistant") == 1 and mine[0].delta.role == "assistant"
+        assert "".join(m.delta.content or "" for m in mine) == want.message.content
+        assert [m.finish_reason for m in mine if m.finish_reason] == [want.finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 14
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert body[-1].model_extra["st3"]["visual_tokens"] == 16
+
+
+def test_n3_completions_with_a_stop_string_and_logprobs(srv):
+    prompt = "Once upon a time"
+    plain = srv.ref.generate(prompt, SamplingParams(n=3, max_tokens=16, temperature=1.0, seed=2024,
+                                                    ignore_eos=True))[0]
+    text = plain.outputs[1].text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() == text[i:i + 2])
+    ref = srv.ref.generate(prompt, SamplingParams(n=3, max_tokens=16, temperature=1.0, seed=2024, ignore_eos=True,
+                                                  stop=[stop], logprobs=2))[0]
+    assert ref.outputs[1].finish_reason == "stop"
+    ask = dict(model=NAME, prompt=prompt, n=3, max_tokens=16, stop=[stop], logprobs=2, **SAMPLED)
+    r = srv.client.completions.create(**ask)
+    assert [(c.index, c.text, c.finish_reason) for c in r.choices] == \
+        [(o.index, o.text, o.finish_reason) for o in ref.outputs]
+    for c, o in zip(r.choices, ref.outputs):
+        assert c.logprobs.token_logprobs == pytest.approx([e[t] for t, e in zip(o.token_ids, o.logprobs)])
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in ref.outputs)
+    chunks = [c for c in srv.client.completions.create(**ask, stream=True) if c.choices]
+    for c, o in zip(r.choices, ref.outputs):
+        mine = [k.choices[0] for k in chunks if k.choices[0].index == c.index]
+        assert "".join(m.text for m in mine) == o.text
+        assert sum((m.logprobs.token_logprobs for m in mine if m.logprobs), []) == c.logprobs.token_logprobs
+        assert [m.finish_reason for m in mine if m.finish_reason] == [o.finish_reason]
+
+
+def test_presence_and_frequency_penalties_match_the_engine(srv):
+    kw = dict(max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    plain = srv.client.chat.completions.create(model=NAME, messages=user("Tell a story."), **kw).choices[0]
+    for penalties in (dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+                      dict(presence_penalty=-0.5, frequency_penalty=2.0), dict(frequency_penalty=-1.0)):
+        got = srv.client.chat.completions.create(model=NAME, messages=user("Tell a story."), **kw, **penalties)
+        want = expected(srv, "Tell a story.", False, 16, ignore_eos=True, **penalties).text
+        assert got.choices[0].message.content == want != plain.message.content, penalties  # and it changed
+        got = srv.client.completions.create(model=NAME, prompt="Once upon a time", **kw, **penalties)
+        want = srv.ref.generate("Once upon a time", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                                                   **penalties))[0].text
+        assert got.choices[0].text == want, penalties
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_frees_its_blocks(srv, n):
+    start = metrics(srv)
+    before = start.get('st3_requests_finished_total{reason="abort"}', 0)
+    body = {"model": NAME, "messages": user("Tell a long story.", srv.uri), "max_tokens": 900, "temperature": 1.0,
+            "seed": 5, "n": n, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]
-        assert any(line.startswith("data: {") for line in got)
-        assert metrics(srv)["st3_kv_blocks_used"] > 0
+        got = [next(lines) for _ in range(6 + 2 * n)]
+        assert sum('"content": ""' not in line for line in got if line.startswith("data: {")) > 0  # text came
+        m = metrics(srv)
+        assert m["st3_requests_running"] == n and m["st3_kv_blocks_used"] > 0  # every completion decodes
     deadline = time.monotonic() + 60  # a liveness bound, not a timing assertion
     while time.monotonic() < deadline:
         m = metrics(srv)
         if m.get('st3_requests_finished_total{reason="abort"}', 0) > before and m["st3_kv_blocks_used"] == 0:
             break
         time.sleep(0.05)
-    assert m.get('st3_requests_finished_total{reason="abort"}', 0) == before + 1, m
+    assert m.get('st3_requests_finished_total{reason="abort"}', 0) == before + n, m  # one per completion
     assert m["st3_kv_blocks_used"] == 0 and m["st3_requests_running"] == 0, m
-    assert m["st3_generation_tokens_total"] < 900  # it was stopped, not run to the end
+    kv = srv.engine.kv_stats()
+    assert kv["free_blocks"] == kv["total_blocks"] and not srv.engine.llm._seqs, kv
+    assert m["st3_generation_tokens_total"] - start["st3_generation_tokens_total"] < 900 * n  # stopped early
 
 
 def test_models_health_and_metrics(srv):
@@ -238,7 +330,14 @@ BAD = {
     "stop": (chat(stop=123), "stop must be a string or a list of strings", "stop"),
     "max_tokens": (chat(max_tokens=0), "max_tokens must be an integer >= 1", "max_tokens"),
     "top_logprobs": (chat(logprobs=True, top_logprobs=10 ** 6), "exceeds the vocabulary size", None),
-    "n": (chat(n=2), "'n' = 2 is not supported", "n"),
+    "n = 0": (chat(n=0), "n must be an integer >= 1", "n"),
+    "n not an integer": (chat(n=1.5), "n must be an integer >= 1", "n"),
+    "n past max_num_seqs": (chat(n=65), "'n' must be <= 64", "n"),
+    "seed + n": (chat(seed=2 ** 63 - 1, n=2), "seed must be below 2**63 - 1 when n=2", "seed"),
+    "presence_penalty": (chat(presence_penalty=2.5), "presence_penalty must be in [-2, 2]", "presence_penalty"),
+    "frequency_penalty": (chat(frequency_penalty=-3), "frequency_penalty must be in [-2, 2]", "frequency_penalty"),
+    "penalty not a number": (chat(presence_penalty="high"), "presence_penalty must be a number", "presence_penalty"),
+    "best_of": (chat(extra_body={"best_of": 2}), "'best_of' = 2 is not supported", "best_of"),
     "unknown model": (chat(model="gpt-4o"), "the model 'gpt-4o' does not exist", "model"),
     "no messages": ({"model": NAME, "messages": []}, "'messages' must be a non-empty list", "messages"),
     "bad role": (chat(messages=[{"role": "robot", "content": "hi"}]), "role must be one of", "messages[0].role"),
