@@ -125,6 +125,30 @@ def test_shutdown_ends_streams_and_refuses_new_work(env):
         engine.kv_stats()
 
 
+def test_n3_counts_every_completion_and_an_outside_abort_ends_all_three(env):
+    engine = AsyncLLM(LLM(env.model, num_kv_blocks=1024))
+    params = SamplingParams(n=3, max_tokens=500, temperature=1.0, seed=3, ignore_eos=True)
+
+    async def main():
+        outs = []
+        async for out in engine.generate(env.reqs[1], params, request_id="fam"):
+            outs.append(out)
+            if len(outs) == 2:
+                engine.abort("fam")  # as another task would: the consumer still gets a last output
+        return outs
+
+    try:
+        last = asyncio.run(main())[-1]
+        assert [c.index for c in last.outputs] == [0, 1, 2] and last.finished
+        assert all(c.finish_reason == "abort" and len(c.token_ids) >= 2 for c in last.outputs)
+        assert_all_free(engine.kv_stats())
+        m = engine.metrics()
+        assert m["finished_total"] == {"abort": 3} and m["running"] == 0
+        assert m["generation_tokens_total"] == sum(len(c.token_ids) for c in last.outputs)
+    finally:
+        engine.shutdown()
+
+
 def test_bad_request_raises_at_first_iteration(env):
     with AsyncLLM(LLM(env.model, num_kv_blocks=1024)) as engine:
         async def main():
