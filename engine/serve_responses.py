@@ -172,6 +172,6 @@ def prometheus(m: dict) -> str:
     metric("prompt_tokens_total", "counter", "Prompt tokens admitted, visual tokens included.",
            [("", m["prompt_tokens_total"])])
     metric("generation_tokens_total", "counter", "Tokens generated.", [("", m["generation_tokens_total"])])
-    metric("requests_finished_total", "counter", "Requests finished, by reason.",
+    metric("requests_finished_total", "counter", "Requests finished, by reason (n > 1: once per completion).",
            [(f'{{reason="{k}"}}', v) for k, v in sorted(m["finished_total"].items())])
     return "\n".join(lines) + "\n"
