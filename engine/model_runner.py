@@ -208,12 +208,16 @@ class ModelRunner:
                                          self.decode_score_layers if scored else (), layer_lens)
         if not scored:
             return logits[:n], None
+        # The eviction spans only the layers from the first event on, which hold a fraction of layer 0's entries.
+        ev_width = -(-int(lens[:, self.plan.first:].max()) // self.cache.block_size)
+        if static:
+            ev_width = min(w for w in self.widths if w >= ev_width)
         safe = cap_bucket(due.bound)
         # On CPUs the padded rows of the safe-size move lists were a third of the eviction's time. On GPUs
         # they cost little, while each distinct cap is one more captured graph and each redo a second sync.
         cap = safe if self.device.type == "cuda" else min(safe, self.move_cap(due.expected))
-        new_lens, moves = self.evict_step(rows, width, cap)
-        return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, width, safe) if cap < safe else None)
+        new_lens, moves = self.evict_step(rows, ev_width, cap)
+        return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, ev_width, safe) if cap < safe else None)
 
     def move_cap(self, expected: int) -> int:
         """Move-list length for a decode eviction the host expects to remove `expected` entries.
