@@ -301,3 +301,20 @@ def test_openai_backend_against_engine_serve_matches_in_process(report, cache_di
     assert [q["generated_tokens"] for q in run["requests"]] == [q["generated_tokens"] for q in local["requests"]]
     assert all(q["ttft_s"] > 0 and q["e2e_s"] >= q["ttft_s"] for q in run["requests"])
     assert run["itl_p50_s"] > 0 and run["tpot_p50_s"] > 0
+
+
+def test_decode_bench_interleaves_engines_on_the_same_requests(tmp_path, monkeypatch, capsys):
+    """tools.bench.decode: every engine decodes the same answer, step for step in turn, and reports a ratio
+    to the first policy listed."""
+    from tools.bench import decode
+    monkeypatch.setenv("ST3_CACHE_DIR", str(tmp_path))
+    decode.main(["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+                 "--batch", "2", "--policies", "pvtp,st3", "--tokens", "5", "--rounds", "1"])
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("engine")}
+    assert set(rows) == {"pvtp", "st3"} and rows["pvtp"][-1] == "1.000"
+    engines = {p: decode.LLM(decode.model_dir(decode.argparse.Namespace(
+        layers=4, hidden=64, kv_heads=2)), policy=p, max_num_seqs=2) for p in ("pvtp", "st3")}
+    params = decode.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    times = decode.interleaved_step_times(engines, decode.image_requests(engines["pvtp"], 2), params)
+    assert [len(t) for t in times.values()] == [4, 4]  # 5 tokens: one from the prefill, four decode steps
