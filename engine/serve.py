@@ -147,7 +147,9 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
 def build_parser() -> Parser:
     ap = Parser(prog="python -m engine.serve", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the built-in easy-VQA demo model)")
+    ap.add_argument("--model", help="model directory, or a Hugging Face id already in the local cache "
+                    "(default: the built-in easy-VQA demo model)")
+    ap.add_argument("--revision", help="with a Hugging Face id: the cached revision (branch, tag or commit)")
     ap.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -163,12 +165,17 @@ def build_parser() -> Parser:
                                                               help="full, fastv, pvtp or st3")
     add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    e.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
     e.add_argument("--num-kv-blocks", type=int)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens one prefill step takes")
     e.add_argument("--max-model-len", type=int)
+    e.add_argument("--max-images-per-prompt", type=int, default=1,
+                   help="ST3 sizes its decode score buffers for this many images per prompt")
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--seed", type=int, help="seed for requests that bring none (reproducible sampling)")
     return ap
 
 
@@ -186,10 +193,13 @@ def make_server(args):
         local = Path(args.allowed_local_media_path)
         if not local.is_dir():
             raise UsageError(f"--allowed-local-media-path {str(local)!r} is not a directory")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=policy_from_args(args),
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision, policy=policy_from_args(args),
               num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len)
-    name = args.served_model_name or llm.model_dir.resolve().name
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              max_images_per_prompt=args.max_images_per_prompt, enforce_eager=args.enforce_eager, seed=args.seed)
+    # As vLLM: a model named by its hub id is served under that id, a directory under its name.
+    hub_id = args.model is not None and not Path(args.model).exists()
+    name = args.served_model_name or (args.model if hub_id else llm.model_dir.resolve().name)
     engine = AsyncLLM(llm, max_waiting=args.max_waiting)
     media = MediaPolicy(not args.no_fetch_urls, local, args.fetch_timeout, args.max_image_bytes)
     return engine, build_app(engine, name, media, args.default_max_tokens), name

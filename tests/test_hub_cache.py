@@ -133,3 +133,23 @@ def test_original_llava_clip_tower_from_the_cache(env, tmp_path):
     assert load_config(src).vision_tower_path == str(cache / "models--openai--clip-tiny" / "snapshots" / MAIN)
     ours = load_model(src).state_dict()
     assert all(torch.equal(t, ours[k]) for k, t in ref.state_dict().items())
+
+
+def test_server_serves_a_cached_hub_id_at_a_revision_under_that_id(env, tmp_path, tiny):
+    """engine.serve takes the same model ids and engine flags as engine.generate; a hub id is the served name."""
+    pytest.importorskip("fastapi")
+    from engine.serve import build_parser, make_server
+    cache = tmp_path / "hub"
+    env.setenv("HF_HUB_CACHE", str(cache))
+    fake_repo(cache, "org/name", {MAIN: tiny["main"], V1: tiny["v1"]}, {"main": MAIN, "v1.0": V1})
+    args = build_parser().parse_args(["--model", "org/name", "--revision", "v1.0",
+                                      "--max-images-per-prompt", "2", "--enforce-eager", "--seed", "7",
+                                      "--max-num-batched-tokens", "4096", "--num-kv-blocks", "64"])
+    engine, _, name = make_server(args)
+    try:
+        llm = engine.llm
+        assert name == "org/name" and llm.model_dir.name == V1
+        assert (llm.config.max_num_batched_tokens, llm.config.enforce_eager) == (4096, True)
+        assert llm.max_visual == 2 * llm.model_config.image_seq_length
+    finally:
+        engine.shutdown()
