@@ -213,7 +213,7 @@ class ModelRunner:
         if static:
             ev_width = min(w for w in self.widths if w >= ev_width)
         safe = cap_bucket(due.bound)
-        # On CPUs the padded rows of the safe-size move lists were a third of the eviction's time. On GPUs
+        # On CPUs the padded rows of the safe-size move lists were close to half the eviction's time. On GPUs
         # they cost little, while each distinct cap is one more captured graph and each redo a second sync.
         cap = safe if self.device.type == "cuda" else min(safe, self.move_cap(due.expected))
         new_lens, moves = self.evict_step(rows, ev_width, cap)
