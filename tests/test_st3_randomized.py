@@ -16,9 +16,14 @@ KNOBS = {"fastv": ("layer", "ratio", "min_keep"), "pvtp": ("start_layer", "strid
 
 
 # Seeds picked from 40 that all pass: ST3 with 2-5 preemptions (14, 24, 26, 33) and without (2), PVTP and
-# FastV with preemptions (29, 16).
-@pytest.mark.parametrize("seed", [2, 14, 16, 24, 26, 29, 33])
-def test_random_configuration_equals_reference(tmp_path, seed):
+# FastV with preemptions (29, 16). "tight": ST3's decode move lists get half the host's expected removals;
+# a step that outgrows them moves nothing and is redone with the safe length (ModelRunner.read_back).
+@pytest.mark.parametrize("seed,tight", [(2, False), (14, False), (16, False), (24, False), (26, False), (29, False),
+                                        (33, False), (14, True), (26, True)])
+def test_random_configuration_equals_reference(tmp_path, seed, tight, monkeypatch):
+    if tight:
+        from engine.model_runner import ModelRunner
+        monkeypatch.setattr(ModelRunner, "move_cap", lambda self, expected: expected // 2)
     rng = random.Random(seed)
     layers = rng.choice([3, 5, 6])
     d = make_tiny_model(tmp_path / "m", text_layers=layers, kv_heads=rng.choice([1, 2, 4]), image_size=32, seed=seed)
@@ -57,3 +62,4 @@ def test_random_configuration_equals_reference(tmp_path, seed):
         if p.num_visual:
             assert out.stats["visual_tokens_per_layer"] == ref["visual_per_layer"], (kind, params)
     assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
+    assert (llm.runner.eviction_retries > 0) == tight
