@@ -7,7 +7,8 @@ writing and reading a 14 GB checkpoint would eat the time budget). For full, Fas
   decode ms/step with CUDA graphs at batch 1, 16 and 64 (prefill excluded; 64-token answers),
   serving output tok/s through tools.bench's runner: 64 requests arriving at once, 128-token answers,
   under a KV pool that holds about 16 full-LLaVA requests,
-and full's batch-1 graph replay against the HBM floor ((decoder + head bytes) / read bandwidth).
+and full's batch-1 graph replay against the HBM floor ((decoder + head bytes) / read bandwidth); for ST3,
+where its graph step goes (decode replay with and without score rows, the eviction replay).
 `smoke=True` runs the same code at tiny widths (still 576 visual tokens) on any device, to test it.
 """
 from __future__ import annotations
@@ -90,17 +91,46 @@ def decode_ms(llm: LLM, req: dict, batch: int, tokens: int, device: str) -> floa
     return ms
 
 
+def _device_ms(fn: Callable[[], object], n: int) -> float:
+    """Mean device ms of fn (a graph replay), n back to back with no host work between them."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / n
+
+
 def replay_ms(llm: LLM, context: int, n: int = 50) -> float:
     """Device time of the batch-1 full-policy decode graph at this context (no host work between replays)."""
     need = -(-context // llm.cache.block_size)
     key = (1, min(w for w in llm.runner.widths if w >= need), False)
-    llm.runner.graphs.replay(*key)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        llm.runner.graphs.replay(*key)
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0) / n
+    return _device_ms(lambda: llm.runner.graphs.replay(*key), n)
+
+
+def st3_step_parts(llm: LLM, batches: tuple[int, ...], context: int, n: int = 20) -> dict:
+    """Where ST3's graph step goes, replays only: the decode graph without and with score rows at about
+    `context` entries per layer, and the eviction graph with the longest move lists captured for that batch.
+
+    Replays after the run reuse its last (stale) buffers, which only touch freed blocks.
+    """
+    r = llm.runner
+    if r.graphs is None:
+        return {}
+    width = min(w for w in r.widths if w >= -(-context // llm.cache.block_size))
+    out = {}
+    for b in batches:
+        rows = min(x for x in r.buckets if x >= b)
+        out[f"bs{b} decode replay ms"] = round(_device_ms(lambda: r.graphs.replay(rows, width, False), n), 3)
+        out[f"bs{b} decode replay with score rows ms"] = round(_device_ms(lambda: r.graphs.replay(rows, width, True),
+                                                                          n), 3)
+        keys = [k for k in r.evict_graphs.graphs if k[0] == rows]
+        if keys:
+            key = max(keys, key=lambda k: (k[2], k[1]))
+            out[f"bs{b} eviction replay ms (width {key[1]}, cap {key[2]})"] = round(
+                _device_ms(r.evict_graphs.graphs[key].replay, n), 3)
+    return out
 
 
 def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "cuda", smoke: bool = False) -> dict:
@@ -128,6 +158,10 @@ def measure(work: Path, out: dict, progress: Callable[[], None], device: str = "
         if evict_graphs is not None:
             res["eviction graphs captured"] = len(evict_graphs.graphs)
             res["eviction graph failure"] = evict_graphs.failed
+            try:  # a diagnostic: it must not cost the run its other figures
+                res["step parts"] = st3_step_parts(llm, batches, 700)
+            except Exception as e:  # noqa: BLE001
+                res["step parts"] = f"failed: {type(e).__name__}: {e}"
         if policy == "full" and llm.runner.graphs is not None:
             res["graph replay bs1 ms"] = round(replay_ms(llm, 700), 3)
             weights = sum(p.numel() * p.element_size() for n, p in llm.model.language_model.named_parameters()
