@@ -67,8 +67,7 @@ class Full:
 
         Past the anneal the budgets stop shrinking, so ST3's decode forwards can skip the score rows.
         """
-        budgets = self.decode_budgets(n0, num_layers, t_next)
-        return bool(budgets) and any(visual_per_layer[layer] > b for layer, b in budgets.items())
+        return any(visual_per_layer[layer] > b for layer, b in event_budgets(self, n0, num_layers, t_next))
 
     def evictions(self, present: torch.Tensor, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
         """Decode-time (VTA) evictions for a batch of sequences, all at once.
@@ -189,6 +188,16 @@ class ST3(PVTP):
     def _decode_budgets(self, n0: int, num_layers: int, t: int) -> dict[int, int]:
         phi, g = self.phi(t), self._budgets(n0, num_layers)
         return {layer: max(self.min_keep, round_half_up(g[layer] * phi)) for layer in self.event_layers(num_layers)}
+
+
+@functools.lru_cache(maxsize=65536)
+def event_budgets(policy: Full, n0: int, num_layers: int, t: int) -> tuple[tuple[int, int], ...]:
+    """((event layer, budget), ...) before decode token t, by layer; () for a policy that never evicts.
+
+    decode_budgets as an immutable, cached tuple: the scheduler asks for every running sequence at every step.
+    """
+    budgets = policy.decode_budgets(n0, num_layers, t)
+    return tuple(sorted(budgets.items())) if budgets else ()
 
 
 @functools.lru_cache(maxsize=65536)

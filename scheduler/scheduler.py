@@ -8,6 +8,7 @@ decode, the newest running request is preempted: its blocks are freed and it is 
 from __future__ import annotations
 
 import logging
+import operator
 from collections import deque
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 from cache.layered import LayeredKVCache
 from scheduler.sequence import Sequence, Status
 
-from .policy import Full, removal_bound
+from .policy import Full, event_budgets, removal_bound
 
 log = logging.getLogger("st3")
 
@@ -35,9 +36,8 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        events = policy.event_layers(num_layers)  # the deepest event layer at or below each layer from the first
-        self._event_of_layer = [max(e for e in events if e <= layer) for layer in range(events[0], num_layers)] \
-            if events else []
+        events = policy.event_layers(num_layers)  # layers from each event layer to the next (or the last)
+        self._group_sizes = [b - a for a, b in zip(events, events[1:] + [num_layers])]
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,13 +123,13 @@ class Scheduler:
         budgets, bound, expected, any_due = [], 0, 0, False
         for seq in seqs:
             t = seq.cursor + 1
-            if seq.num_visual and self.policy.needs_decode_scores(seq.num_visual, L, t, seq.visual_per_layer):
-                b = self.policy.decode_budgets(seq.num_visual, L, t)
-                budgets.append([b[layer] for layer in events])
+            due = event_budgets(self.policy, seq.num_visual, L, t) if seq.num_visual else ()
+            over = [seq.visual_per_layer[layer] - b for layer, b in due]  # what each event layer must lose
+            if due and max(over) > 0:
+                budgets.append([b for _, b in due])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
-                # Each layer keeps at most its event layer's budget; a layer that holds more loses the rest.
-                expected += sum(max(0, held - b[e]) for held, e in zip(seq.visual_per_layer[events[0]:],
-                                                                      self._event_of_layer))
+                # The layers after an event layer hold what it holds; deeper events only take more.
+                expected += sum(n * x for n, x in zip(self._group_sizes, over) if x > 0)
                 any_due = True
             else:
                 budgets.append([never] * len(events))
@@ -140,6 +140,7 @@ class Scheduler:
         seats = [s.seat for s in seqs]
         removed = self.cache.lens[seats] - new_lens
         freed = self.cache.shrink(seats, new_lens)
-        for b in removed.any(1).nonzero().flatten().tolist():  # the sequences that lost anything
-            seqs[b].visual_per_layer = [k - x for k, x in zip(seqs[b].visual_per_layer, removed[b].tolist())]
+        for seq, lost in zip(seqs, removed.tolist()):  # one conversion for the batch, not one per sequence
+            if any(lost):
+                seq.visual_per_layer = list(map(operator.sub, seq.visual_per_layer, lost))
         return freed
