@@ -35,7 +35,7 @@ class Eviction:
     new_lens: torch.Tensor  # [B, L] per-layer lengths it leaves
     moves: torch.Tensor     # [] entries it moves; above `cap` it changed nothing
     cap: int
-    expected: int = 0       # decode: the removals the host expected (sizes the next steps' caps)
+    expected: float = 0.0   # decode: the removals the host expected (sizes the next steps' caps)
     retry: tuple[int, int, int] | None = None  # decode: (rows, width, safe cap) to redo it with on overflow
 
 
@@ -58,7 +58,7 @@ class ModelRunner:
         self.attention = PagedAttention(self.pool)
         self.plan = EvictionPlan.for_policy(policy, self.num_layers, device)
         self.eviction_retries = 0  # decode evictions redone with the safe move cap (see engine/eviction.py)
-        self.move_ratio = 2.0      # moves per expected removal, learned from read-backs (see move_cap)
+        self.move_ratio = 1.5      # moves per expected removal, learned from read-backs (see move_cap)
 
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -116,7 +116,7 @@ class ModelRunner:
             new_lens, _ = self.evict_step(rows, width, cap)
             host[:, 1:-1] = new_lens[:n].cpu()
         if eviction.expected:  # moves per expected removal, decaying slowly to what recent steps needed
-            self.move_ratio = max(1.0, 0.95 * self.move_ratio, 1.25 * moves / eviction.expected)
+            self.move_ratio = max(0.25, 0.95 * self.move_ratio, 1.25 * moves / eviction.expected)
         return host[:, 0].tolist(), host[:, 1:-1]
 
     # ---- decode ----------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class ModelRunner:
         new_lens, moves = self.evict_step(rows, ev_width, cap)
         return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, ev_width, safe) if cap < safe else None)
 
-    def move_cap(self, expected: int) -> int:
+    def move_cap(self, expected: float) -> int:
         """Move-list length for a decode eviction the host expects to remove `expected` entries.
 
         A shallower event also takes tokens that deeper layers still hold, so more entries move than

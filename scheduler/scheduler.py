@@ -26,7 +26,7 @@ class EvictionDue(NamedTuple):
     """What the device-side eviction at the end of a forward needs from the host."""
     budgets: list[list[int]]  # [B][event layers] visual entries each event layer may keep
     bound: int                # most entries it can move (sizes the safe move lists)
-    expected: int             # entries it removes unless a shallower event takes tokens deeper layers hold
+    expected: float           # about how many entries it removes (sizes the move lists on CPUs)
 
 
 class Scheduler:
@@ -124,16 +124,29 @@ class Scheduler:
         for seq in seqs:
             t = seq.cursor + 1
             due = event_budgets(self.policy, seq.num_visual, L, t) if seq.num_visual else ()
-            over = [seq.visual_per_layer[layer] - b for layer, b in due]  # what each event layer must lose
-            if due and max(over) > 0:
+            if due and any(seq.visual_per_layer[layer] > b for layer, b in due):
                 budgets.append([b for _, b in due])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
-                # The layers after an event layer hold what it holds; deeper events only take more.
-                expected += sum(n * x for n, x in zip(self._group_sizes, over) if x > 0)
+                expected += self._expected_removals(seq.visual_per_layer, due)
                 any_due = True
             else:
                 budgets.append([never] * len(events))
         return EvictionDue(budgets, bound, expected) if any_due else None
+
+    def _expected_removals(self, held: list[int], due: tuple[tuple[int, int], ...]) -> float:
+        """About how many entries the eviction removes from one sequence, over all its layers.
+
+        The layers after an event layer hold what it holds. A token evicted at one event layer also leaves
+        the deeper ones that still hold it; take a deeper set to lose the same share as the sets above it
+        (a real model, whose deep sets keep what shallow layers rank high, loses less there).
+        """
+        total, keep = 0.0, 1.0
+        for (layer, budget), size in zip(due, self._group_sizes):
+            h = held[layer]
+            left = min(h * keep, budget)
+            total += size * (h - left)
+            keep = left / h if h else keep
+        return total
 
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""

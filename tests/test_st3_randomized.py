@@ -23,7 +23,7 @@ KNOBS = {"fastv": ("layer", "ratio", "min_keep"), "pvtp": ("start_layer", "strid
 def test_random_configuration_equals_reference(tmp_path, seed, tight, monkeypatch):
     if tight:
         from engine.model_runner import ModelRunner
-        monkeypatch.setattr(ModelRunner, "move_cap", lambda self, expected: expected // 2)
+        monkeypatch.setattr(ModelRunner, "move_cap", lambda self, expected: int(expected) // 2)
     rng = random.Random(seed)
     layers = rng.choice([3, 5, 6])
     d = make_tiny_model(tmp_path / "m", text_layers=layers, kv_heads=rng.choice([1, 2, 4]), image_size=32, seed=seed)
