@@ -215,9 +215,10 @@ class ModelRunner:
         safe = cap_bucket(due.bound)
         # On CPUs the padded rows of the safe-size move lists were close to half the eviction's time. On GPUs
         # they cost little, while each distinct cap is one more captured graph and each redo a second sync.
-        cap = safe if self.device.type == "cuda" else min(safe, self.move_cap(due.expected))
+        expected = 0.0 if self.device.type == "cuda" else due.expected_removals()
+        cap = min(safe, self.move_cap(expected)) if expected else safe
         new_lens, moves = self.evict_step(rows, ev_width, cap)
-        return logits[:n], Eviction(new_lens[:n], moves, cap, due.expected, (rows, ev_width, safe) if cap < safe else None)
+        return logits[:n], Eviction(new_lens[:n], moves, cap, expected, (rows, ev_width, safe) if cap < safe else None)
 
     def move_cap(self, expected: float) -> int:
         """Move-list length for a decode eviction the host expects to remove `expected` entries.

@@ -100,14 +100,32 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_int32(x: torch.Tensor) -> torch.Tensor:
+    """_hash32 on int32 tensors holding the same 32 bits: products wrap mod 2**32, shifts are made logical.
+
+    For the [B, vocab] part of the noise: 64-bit multiplies have no vector instruction on common CPUs,
+    so this is ~5x faster there than _hash32, with bit-identical results.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - 2 ** 32)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2**32) (int64) as the int32 with the same bits."""
+    return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] uniforms in (0, 1) that depend only on (seed, step, token id)."""
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     # The high word enters through its own hash, which is 0 for 0: seeds below 2**32 draw what they always did.
     lo, hi = seeds[:, None] & _MASK32, seeds[:, None] >> 32
-    h = _hash32(lo * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1) + _hash32(hi * 0xC2B2AE3D))
-    h = _hash32(h ^ _hash32(tok[None, :] + 0x27D4EB2F))
-    return (h.double() + 0.5) / 2.0 ** 32
+    row = _hash32(lo * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1) + _hash32(hi * 0xC2B2AE3D))
+    h = _hash32_int32(_as_int32(row) ^ _as_int32(_hash32(tok[None, :] + 0x27D4EB2F)))
+    return ((h.to(torch.int64) & _MASK32).double() + 0.5) / 2.0 ** 32
 
 
 @dataclass
@@ -173,10 +191,18 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         cut |= sorted_p < b.min_p[:, None] * sorted_p[:, :1]
         cut[:, 0] = False
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(cut, 0.0))
-    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) is an exact draw from `probs`.
-    noise = -torch.log(uniform_noise(b.seeds, b.steps, probs.shape[-1])).to(probs.dtype)
-    sampled = (probs / noise).argmax(dim=-1)
+    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) is an exact draw from `probs`. On CPUs in
+    # slices of rows, so the noise's passes over [rows, vocab] stay in cache (2x faster at 64 rows).
+    step = 16 if probs.device.type == "cpu" else len(probs)
+    sampled = torch.cat([race(probs[i:i + step], b.seeds[i:i + step], b.steps[i:i + step])
+                         for i in range(0, len(probs), step)])
     return torch.where(b.temperature == 0, greedy, sampled), logprobs
+
+
+def race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax over tokens of probs / E, E ~ Exp(1) drawn from (seed, step, token id): one exact draw per row."""
+    noise = -torch.log(uniform_noise(seeds, steps, probs.shape[-1])).to(probs.dtype)
+    return (probs / noise).argmax(dim=-1)
 
 
 def sampling_batch(seqs: list[Sequence], vocab: int, dev: torch.device) -> SamplingBatch:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import deque
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -22,11 +22,31 @@ from .policy import Full, event_budgets, removal_bound
 log = logging.getLogger("st3")
 
 
-class EvictionDue(NamedTuple):
+@dataclass(frozen=True)
+class EvictionDue:
     """What the device-side eviction at the end of a forward needs from the host."""
     budgets: list[list[int]]  # [B][event layers] visual entries each event layer may keep
     bound: int                # most entries it can move (sizes the safe move lists)
-    expected: float           # about how many entries it removes (sizes the move lists on CPUs)
+    # (visual entries per layer, ((event layer, budget), ...)) of each sequence that loses entries
+    losing: list[tuple[list[int], tuple[tuple[int, int], ...]]]
+    group_sizes: list[int]    # layers from each event layer to the next (or the last)
+
+    def expected_removals(self) -> float:
+        """About how many entries the eviction removes, over all sequences and layers (sizes move lists on CPUs).
+
+        The layers after an event layer hold what it holds. A token evicted at one event layer also leaves
+        the deeper ones that still hold it; take a deeper set to lose the same share as the sets above it
+        (a real model, whose deep sets keep what shallow layers rank high, loses less there).
+        """
+        total = 0.0
+        for held, due in self.losing:
+            keep = 1.0
+            for (layer, budget), size in zip(due, self.group_sizes):
+                h = held[layer]
+                left = min(h * keep, budget)
+                total += size * (h - left)
+                keep = left / h if h else keep
+        return total
 
 
 class Scheduler:
@@ -113,40 +133,24 @@ class Scheduler:
 
         A forward run at cursor c also evicts what must be gone before the forward at cursor c + 1, whose
         budgets are decode_budgets(c + 1). Sequences with nothing to lose get a budget no layer reaches.
-        Also returns a bound on the entries the eviction can move and the number it will most likely
-        move (engine/eviction.py sizes its move lists by them).
+        Also returns a bound on the entries the eviction can move, and what it needs to estimate how many
+        it will move (engine/eviction.py sizes its move lists by them).
         """
         if not self.policy.anneals:
             return None
         L, events = self.num_layers, self.policy.event_layers(self.num_layers)
         never = max(s.num_visual for s in seqs) + 1
-        budgets, bound, expected, any_due = [], 0, 0, False
+        budgets, bound, losing = [], 0, []
         for seq in seqs:
             t = seq.cursor + 1
             due = event_budgets(self.policy, seq.num_visual, L, t) if seq.num_visual else ()
             if due and any(seq.visual_per_layer[layer] > b for layer, b in due):
                 budgets.append([b for _, b in due])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
-                expected += self._expected_removals(seq.visual_per_layer, due)
-                any_due = True
+                losing.append((seq.visual_per_layer, due))
             else:
                 budgets.append([never] * len(events))
-        return EvictionDue(budgets, bound, expected) if any_due else None
-
-    def _expected_removals(self, held: list[int], due: tuple[tuple[int, int], ...]) -> float:
-        """About how many entries the eviction removes from one sequence, over all its layers.
-
-        The layers after an event layer hold what it holds. A token evicted at one event layer also leaves
-        the deeper ones that still hold it; take a deeper set to lose the same share as the sets above it
-        (a real model, whose deep sets keep what shallow layers rank high, loses less there).
-        """
-        total, keep = 0.0, 1.0
-        for (layer, budget), size in zip(due, self._group_sizes):
-            h = held[layer]
-            left = min(h * keep, budget)
-            total += size * (h - left)
-            keep = left / h if h else keep
-        return total
+        return EvictionDue(budgets, bound, losing, self._group_sizes) if losing else None
 
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""

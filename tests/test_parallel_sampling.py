@@ -168,3 +168,20 @@ def test_sampled_tokens_use_the_penalised_distribution():
 def test_bad_new_sampling_params(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_noise_is_the_64_bit_hash_bit_for_bit():
+    """uniform_noise mixes [B, vocab] in int32 for speed; it must give exactly the int64 formula's uniforms."""
+    from engine.sampling import _hash32
+
+    def reference(seeds, steps, vocab):
+        tok = torch.arange(vocab, dtype=torch.int64)
+        lo, hi = seeds[:, None] & 0xFFFFFFFF, seeds[:, None] >> 32
+        h = _hash32(lo * 0x9E3779B1 + _hash32(steps[:, None] * 0x85EBCA77 + 0x165667B1) + _hash32(hi * 0xC2B2AE3D))
+        h = _hash32(h ^ _hash32(tok[None, :] + 0x27D4EB2F))
+        return (h.double() + 0.5) / 2.0 ** 32
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.cat([torch.tensor([0, 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1]),
+                       torch.randint(0, 2 ** 62, (10,), generator=g)])
+    steps = torch.cat([torch.tensor([0, 1, 2 ** 31, 5, 100000, 7]), torch.randint(0, 2 ** 20, (10,), generator=g)])
+    assert torch.equal(uniform_noise(seeds, steps, 32064), reference(seeds, steps, 32064))
