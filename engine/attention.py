@@ -164,7 +164,7 @@ class PagedAttention:
         pool.k.index_copy_(0, slots, k)
         pool.v.index_copy_(0, slots, v)
         pool.visual_index.index_fill_(0, slots, -1)  # generated tokens are never visual
-        want = layer in batch.score_layers
+        want = layer in batch.score_layers and layer not in batch.skip_scores
         dst = batch.scores[:, batch.score_layers.index(layer)] if want else None
         if self.use_triton:
             return paged_decode_attention(q, pool.k, pool.v, batch.block_tables, batch.context_lens, layer, bs,

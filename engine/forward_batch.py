@@ -27,6 +27,7 @@ class ForwardBatch(ForwardContext):
     # Decode: one row per sequence, static buffers (CUDA-graph inputs).
     slot_mapping: torch.Tensor | None = None   # [L, B] where each layer writes its new entry
     layer_lens: list[int] | None = None        # eager decode: entries of each layer's longest row
+    skip_scores: frozenset[int] = frozenset()  # eager decode: score layers no eviction reads this step
     # Prefill: the prompts' rows packed together, pruned between layers.
     seq_of_row: torch.Tensor | None = None     # [N] which sequence a row belongs to
     visual_of_row: torch.Tensor | None = None  # [N] its visual index (0..N0-1), or -1 for text

@@ -203,9 +203,13 @@ class ModelRunner:
         if self.graphs is not None:
             logits = self.graphs.replay(rows, width, scored)
         else:
-            layer_lens = None if static else lens.max(0).values.tolist()
+            layer_lens, skip = None, frozenset()
+            if not static:  # eager: gather each layer's entries only, score only where an eviction ranks
+                layer_lens = lens.max(0).values.tolist()
+                if scored:
+                    skip = frozenset(s for s, r in zip(self.decode_score_layers, due.ranks) if not r)
             logits = self.decode_forward(*self.buffers.view(rows, width),
-                                         self.decode_score_layers if scored else (), layer_lens)
+                                         self.decode_score_layers if scored else (), layer_lens, skip)
         if not scored:
             return logits[:n], None
         # The eviction spans only the layers from the first event on, which hold a fraction of layer 0's entries.
@@ -231,18 +235,20 @@ class ModelRunner:
 
     def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, score_layers: tuple[int, ...],
-                       layer_lens: list[int] | None = None) -> torch.Tensor:
+                       layer_lens: list[int] | None = None, skip_scores: frozenset[int] = frozenset()
+                       ) -> torch.Tensor:
         """The decode forward proper: tensors in, logits out, no host synchronisation (graph-capturable).
 
         Score rows land in the static `buffers.scores`. `layer_lens` (eager only) trims each layer's
-        gather to the entries it really holds.
+        gather to the entries it really holds; `skip_scores` (eager only) are score layers whose rows no
+        eviction ranks by this step (their event layers hold no more than their budgets): their columns stay zero.
         """
         rows = input_ids.shape[0]
         scores = self.buffers.scores[:rows]
         if score_layers:
             scores.zero_()
         batch = ForwardBatch(self.attention, False, block_tables, context_lens, score_layers, scores,
-                             slot_mapping=slot_mapping, layer_lens=layer_lens)
+                             slot_mapping=slot_mapping, layer_lens=layer_lens, skip_scores=skip_scores)
         h = self.lm.model(self.lm.model.embed_tokens(input_ids), positions, batch)
         return self.lm.logits(h)
 

@@ -30,6 +30,7 @@ class EvictionDue:
     # (visual entries per layer, ((event layer, budget), ...)) of each sequence that loses entries
     losing: list[tuple[list[int], tuple[tuple[int, int], ...]]]
     group_sizes: list[int]    # layers from each event layer to the next (or the last)
+    ranks: list[bool]         # per event layer: whether any sequence must lose entries there (needs its scores)
 
     def expected_removals(self) -> float:
         """About how many entries the eviction removes, over all sequences and layers (sizes move lists on CPUs).
@@ -140,17 +141,19 @@ class Scheduler:
             return None
         L, events = self.num_layers, self.policy.event_layers(self.num_layers)
         never = max(s.num_visual for s in seqs) + 1
-        budgets, bound, losing = [], 0, []
+        budgets, bound, losing, ranks = [], 0, [], [False] * len(events)
         for seq in seqs:
             t = seq.cursor + 1
             due = event_budgets(self.policy, seq.num_visual, L, t) if seq.num_visual else ()
-            if due and any(seq.visual_per_layer[layer] > b for layer, b in due):
+            over = [seq.visual_per_layer[layer] > b for layer, b in due]
+            if any(over):
                 budgets.append([b for _, b in due])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
                 losing.append((seq.visual_per_layer, due))
+                ranks = [r or o for r, o in zip(ranks, over)]
             else:
                 budgets.append([never] * len(events))
-        return EvictionDue(budgets, bound, losing, self._group_sizes) if losing else None
+        return EvictionDue(budgets, bound, losing, self._group_sizes, ranks) if losing else None
 
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""
