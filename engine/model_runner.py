@@ -212,17 +212,22 @@ class ModelRunner:
                                          self.decode_score_layers if scored else (), layer_lens, skip)
         if not scored:
             return logits[:n], None
-        # The eviction spans only the layers from the first event on, which hold a fraction of layer 0's entries.
-        ev_width = -(-int(lens[:, self.plan.first:].max()) // self.cache.block_size)
+        return logits[:n], self._decode_eviction(due, lens, rows, static)
+
+    def _decode_eviction(self, due: EvictionDue, lens: torch.Tensor, rows: int, static: bool) -> Eviction:
+        """Queue the eviction the next token needs, over the decode buffers this step filled (lens: host [B, L])."""
+        # It spans only the layers from the first event on, which hold a fraction of layer 0's entries.
+        width = -(-int(lens[:, self.plan.first:].max()) // self.cache.block_size)
         if static:
-            ev_width = min(w for w in self.widths if w >= ev_width)
+            width = min(w for w in self.widths if w >= width)
         safe = cap_bucket(due.bound)
         # On CPUs the padded rows of the safe-size move lists were close to half the eviction's time. On GPUs
         # they cost little, while each distinct cap is one more captured graph and each redo a second sync.
         expected = 0.0 if self.device.type == "cuda" else due.expected_removals()
         cap = min(safe, self.move_cap(expected)) if expected else safe
-        new_lens, moves = self.evict_step(rows, ev_width, cap)
-        return logits[:n], Eviction(new_lens[:n], moves, cap, expected, (rows, ev_width, safe) if cap < safe else None)
+        new_lens, moves = self.evict_step(rows, width, cap)
+        n = len(lens)
+        return Eviction(new_lens[:n], moves, cap, expected, (rows, width, safe) if cap < safe else None)
 
     def move_cap(self, expected: float) -> int:
         """Move-list length for a decode eviction the host expects to remove `expected` entries.
