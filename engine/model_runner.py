@@ -232,9 +232,9 @@ class ModelRunner:
     def move_cap(self, expected: float) -> int:
         """Move-list length for a decode eviction the host expects to remove `expected` entries.
 
-        A shallower event also takes tokens that deeper layers still hold, so more entries move than
-        the host expects, by a ratio that depends on how the model's layers rank alike: learned from
-        the steps read back. A step that still outgrows its cap is redone (read_back).
+        The estimate (EvictionDue.expected_removals) takes deeper sets to lose the same share as shallower
+        ones; how far the real moves stray from it depends on how alike the model's layers rank, so the
+        ratio is learned from the steps read back. A step that still outgrows its cap is redone (read_back).
         """
         return cap_bucket(math.ceil(expected * self.move_ratio) + 16)
 
