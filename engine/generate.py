@@ -26,12 +26,23 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> Parser:
-    ap = Parser(prog="python -m engine.generate", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model and --revision, as engine.generate and engine.serve both take them."""
     ap.add_argument("--model", help="model directory, or a Hugging Face id already in the local cache "
                     "(default: the built-in easy-VQA demo model)")
     ap.add_argument("--revision", help="with a Hugging Face id: the cached revision (branch, tag or commit)")
+
+
+def add_device_arguments(group) -> None:
+    """--device and --dtype, as engine.generate and engine.serve both take them."""
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="python -m engine.generate", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--image", help="image file; the prompt gets one <image>")
     ap.add_argument("--prompt", required=True, help="the question (or the whole prompt with --raw-prompt)")
     ap.add_argument("--raw-prompt", action="store_true", help="use --prompt as is, without the LLaVA chat template")
@@ -49,8 +60,7 @@ def build_parser() -> Parser:
                                                               help="full, fastv, pvtp or st3")
     add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    e.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
+    add_device_arguments(e)
     e.add_argument("-v", "--verbose", action="store_true",
                    help="log engine events (KV pool, attention backend, graph capture, preemptions) to stderr")
     e.add_argument("--num-kv-blocks", type=int)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .async_llm import AsyncLLM
 from .errors import EngineError, QueueFullError, RequestError
-from .generate import Parser, UsageError
+from .generate import Parser, UsageError, add_device_arguments, add_model_arguments
 from .policy_flags import add_policy_arguments, policy_from_args
 from .serve_media import MediaPolicy, load_images
 from .serve_protocol import APIError, ParsedRequest, parse_chat, parse_completion
@@ -147,9 +147,7 @@ def build_app(engine: AsyncLLM, model_name: str, media: MediaPolicy | None = Non
 def build_parser() -> Parser:
     ap = Parser(prog="python -m engine.serve", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory, or a Hugging Face id already in the local cache "
-                    "(default: the built-in easy-VQA demo model)")
-    ap.add_argument("--revision", help="with a Hugging Face id: the cached revision (branch, tag or commit)")
+    add_model_arguments(ap)
     ap.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -165,8 +163,7 @@ def build_parser() -> Parser:
                                                               help="full, fastv, pvtp or st3")
     add_policy_arguments(ap)
     e = ap.add_argument_group("engine")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    e.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto (the checkpoint's)")
+    add_device_arguments(e)
     e.add_argument("--num-kv-blocks", type=int)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-num-seqs", type=int, default=64)
