@@ -207,7 +207,7 @@ class ModelRunner:
             if not static:  # eager: gather each layer's entries only, score only where an eviction ranks
                 layer_lens = lens.max(0).values.tolist()
                 if scored:
-                    skip = frozenset(s for s, r in zip(self.decode_score_layers, due.ranks) if not r)
+                    skip = frozenset(s for s, r in zip(self.decode_score_layers, due.ranks()) if not r)
             logits = self.decode_forward(*self.buffers.view(rows, width),
                                          self.decode_score_layers if scored else (), layer_lens, skip)
         if not scored:

@@ -30,7 +30,11 @@ class EvictionDue:
     # (visual entries per layer, ((event layer, budget), ...)) of each sequence that loses entries
     losing: list[tuple[list[int], tuple[tuple[int, int], ...]]]
     group_sizes: list[int]    # layers from each event layer to the next (or the last)
-    ranks: list[bool]         # per event layer: whether any sequence must lose entries there (needs its scores)
+
+    def ranks(self) -> list[bool]:
+        """Per event layer: whether any sequence must lose entries there, i.e. the eviction reads its scores."""
+        return [any(held[layer] > b for held, due in self.losing for layer, b in [due[k]])
+                for k in range(len(self.group_sizes))]
 
     def expected_removals(self) -> float:
         """About how many entries the eviction removes, over all sequences and layers (sizes move lists on CPUs).
@@ -139,21 +143,19 @@ class Scheduler:
         """
         if not self.policy.anneals:
             return None
-        L, events = self.num_layers, self.policy.event_layers(self.num_layers)
+        L, k = self.num_layers, len(self._group_sizes)
         never = max(s.num_visual for s in seqs) + 1
-        budgets, bound, losing, ranks = [], 0, [], [False] * len(events)
+        budgets, bound, losing = [], 0, []
         for seq in seqs:
             t = seq.cursor + 1
-            due = event_budgets(self.policy, seq.num_visual, L, t) if seq.num_visual else ()
-            over = [seq.visual_per_layer[layer] > b for layer, b in due]
-            if any(over):
+            if seq.num_visual and self.policy.needs_decode_scores(seq.num_visual, L, t, seq.visual_per_layer):
+                due = event_budgets(self.policy, seq.num_visual, L, t)
                 budgets.append([b for _, b in due])
                 bound += removal_bound(self.policy, seq.num_visual, L, t)
                 losing.append((seq.visual_per_layer, due))
-                ranks = [r or o for r, o in zip(ranks, over)]
             else:
-                budgets.append([never] * len(events))
-        return EvictionDue(budgets, bound, losing, self._group_sizes, ranks) if losing else None
+                budgets.append([never] * k)
+        return EvictionDue(budgets, bound, losing, self._group_sizes) if losing else None
 
     def apply_evictions(self, seqs: list[Sequence], new_lens: torch.Tensor) -> int:
         """Take the per-layer lengths a device-side eviction left ([B, L]); return the blocks freed."""
